@@ -1,0 +1,305 @@
+"""Typed configuration: one dataclass per stage, a YAML file plus `key=value` overrides.
+
+Every field is documented where it is declared (`help` metadata); `tether <stage> --help`
+prints them all with their defaults. Bad keys, wrong types and inconsistent sizes are
+rejected here, before any model loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and what is allowed."""
+
+
+def opt(default: Any, help: str, **kwargs: Any) -> Any:
+    """A dataclass field with its documentation attached."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+@dataclass
+class PPOConfig:
+    # --- models -------------------------------------------------------------
+    policy: str = opt(None, "Policy: a local path or hub id of an AutoModelForCausalLM (required).")
+    reference: Optional[str] = opt(None, "Frozen reference model path; default: a copy of the initial policy.")
+    critic: Optional[str] = opt(None, "Backbone for the critic; default: the reward model if it is a model, else the policy.")
+    reward_model: Optional[str] = opt(None, "Reward model path (AutoModelForSequenceClassification, 1 label).")
+    reward_fn: Optional[str] = opt(None, "Reward function 'module:function' taking list[str] responses, returning list[float].")
+    reward_tokenizer: Optional[str] = opt(None, "Tokenizer of the reward model when it differs from the policy's; default: the reward model's own.")
+    tokenizer: Optional[str] = opt(None, "Policy tokenizer path; default: the policy path.")
+    dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "Weights dtype of all models.")
+    device: str = opt("auto", "Device: 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
+    gradient_checkpointing: bool = opt(False, "Trade compute for memory in policy and critic.")
+
+    # --- data ---------------------------------------------------------------
+    prompts: str = opt(None, "Prompt data: .jsonl/.json/.csv/.parquet file, a save_to_disk directory or a hub dataset id (required).")
+    prompt_field: str = opt("prompt", "Field holding the prompt text or chat messages.")
+    prompt_split: str = opt("train", "Split to read when `prompts` is a dataset with splits.")
+    max_prompt_length: int = opt(128, "Prompts longer than this (in tokens) are truncated or rejected.")
+    overlong_prompts: Literal["truncate", "error"] = opt("truncate", "'truncate' keeps the last max_prompt_length tokens; 'error' rejects the dataset.")
+
+    # --- generation ---------------------------------------------------------
+    max_new_tokens: int = opt(32, "Maximum response length in tokens.")
+    temperature: float = opt(1.0, "Sampling temperature; log-probs for PPO use logits / temperature too.")
+    top_k: int = opt(0, "Sample from the k most likely tokens (0 = off).")
+    top_p: float = opt(1.0, "Nucleus sampling mass (1.0 = off).")
+    stop_strings: list[str] = opt([], "Extra strings that end a response (EOS always does).")
+
+    # --- batch sizes --------------------------------------------------------
+    batch_size: int = opt(16, "Prompts (rollouts) per PPO update.")
+    num_minibatches: int = opt(1, "Minibatches per PPO epoch; optimizer steps per update = ppo_epochs x num_minibatches.")
+    gradient_accumulation_steps: int = opt(1, "Micro-batches per minibatch (memory only: the update is the same).")
+    rollout_batch_size: int = opt(0, "Prompts generated per forward chunk during rollout (0 = batch_size).")
+
+    # --- PPO ----------------------------------------------------------------
+    total_updates: int = opt(100, "Number of PPO updates (rollout + optimisation rounds).")
+    ppo_epochs: int = opt(4, "Passes over each rollout batch.")
+    clip_eps: float = opt(0.2, "Policy ratio clip range epsilon (PPO eq. 7).")
+    clip_eps_low: Optional[float] = opt(None, "Lower clip epsilon if asymmetric (default clip_eps).")
+    clip_eps_high: Optional[float] = opt(None, "Upper clip epsilon if asymmetric, e.g. 0.28 (DAPO clip-higher).")
+    dual_clip: Optional[float] = opt(None, "Dual-clip constant c > 1 bounding the loss of negative advantages (Ye et al. 2020).")
+    value_clip_eps: Optional[float] = opt(0.2, "Value clip range (PPO2); null disables value clipping.")
+    vf_coef: float = opt(0.1, "Weight of the value loss (critic has its own optimizer; scales its gradient).")
+    entropy_coef: float = opt(0.0, "Entropy bonus weight (0 by default, as in the RLHF reference implementations).")
+    gamma: float = opt(1.0, "Discount factor; 1 for short language episodes.")
+    lam: float = opt(0.95, "GAE lambda.")
+    whiten_advantages: bool = opt(True, "Shift advantages to mean 0, std 1 over the batch's real tokens.")
+    target_kl_stop: Optional[float] = opt(None, "Stop an update's remaining minibatches when approx-KL exceeds this.")
+
+    # --- KL to the reference ------------------------------------------------
+    kl_coef: float = opt(0.05, "Initial KL coefficient beta.")
+    kl_estimator: Literal["k1", "k2", "k3"] = opt("k1", "Per-token KL estimator (Schulman): k1 is the unbiased choice in the reward.")
+    kl_placement: Literal["reward", "loss"] = opt("reward", "'reward': -beta*KL per token in the reward (PPO-RLHF); 'loss': beta*KL added to the policy loss.")
+    adaptive_kl: bool = opt(False, "Adapt beta toward kl_target (Ziegler et al. 2019).")
+    kl_target: float = opt(6.0, "Target KL (nats per response) for the adaptive controller.")
+    kl_horizon: int = opt(10000, "Horizon of the adaptive KL controller.")
+
+    # --- reward processing --------------------------------------------------
+    missing_eos_penalty: Optional[float] = opt(None, "Subtract this from the score of responses that never emit EOS.")
+    score_clip: Optional[float] = opt(None, "Clip scores to [-score_clip, score_clip].")
+    normalize_scores: bool = opt(False, "Normalise scores with running mean/std (PPO-max).")
+
+    # --- optimisation -------------------------------------------------------
+    learning_rate: float = opt(1e-5, "Policy learning rate.")
+    critic_learning_rate: Optional[float] = opt(None, "Critic learning rate (default: learning_rate).")
+    lr_schedule: Literal["constant", "linear", "cosine"] = opt("linear", "Schedule after warmup; linear decays to 0 (reference implementations).")
+    warmup_steps: int = opt(0, "Optimizer steps of linear warmup.")
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    adam_eps: float = opt(1e-5, "Adam epsilon (1e-5, TF style; N-details item 13).")
+    max_grad_norm: Optional[float] = opt(1.0, "Clip gradient global norm (null = off).")
+
+    # --- PPO-ptx ------------------------------------------------------------
+    ptx_data: Optional[str] = opt(None, "Pretraining text for PPO-ptx (file, save_to_disk dir or hub id); null = off.")
+    ptx_field: str = opt("text", "Text field of ptx_data records.")
+    ptx_coef: float = opt(1.0, "Weight of the pretraining LM loss added to the policy loss (InstructGPT used 27.8).")
+    ptx_batch_size: int = opt(4, "Pretraining blocks per optimizer step.")
+    ptx_block_size: int = opt(128, "Tokens per pretraining block.")
+
+    # --- run ----------------------------------------------------------------
+    output_dir: str = opt("runs/ppo", "Run directory: config.yaml, metrics.jsonl, samples.jsonl, checkpoints.")
+    seed: int = opt(0, "Random seed (python, numpy, torch, data order).")
+    save_every: int = opt(0, "Save a checkpoint every N updates (0 = only at the end).")
+    sample_every: int = opt(10, "Write samples.jsonl rows every N updates (and the first and last).")
+    num_samples: int = opt(4, "How many samples to write each time.")
+    log_with: list[str] = opt([], "Extra metric sinks: 'tensorboard', 'wandb' (JSONL is always written).")
+    wandb_project: str = opt("tether", "Weights & Biases project.")
+    progress: bool = opt(True, "Show a progress bar.")
+    num_threads: int = opt(0, "torch CPU threads (0 = number of cores, never more).")
+
+    def __post_init__(self) -> None:
+        self.minibatch_size = self.batch_size // max(self.num_minibatches, 1)
+        self.micro_batch_size = self.minibatch_size // max(self.gradient_accumulation_steps, 1)
+
+    def validate(self) -> None:
+        """Reject missing and inconsistent settings before anything loads."""
+        _require(self, "policy", "prompts")
+        if (self.reward_model is None) == (self.reward_fn is None):
+            raise ConfigError("set exactly one of reward_model (a model path) or reward_fn ('module:function')")
+        if self.reward_fn is not None and ":" not in self.reward_fn:
+            raise ConfigError(f"reward_fn must look like 'package.module:function', got {self.reward_fn!r}")
+        _positive(self, "batch_size", "num_minibatches", "gradient_accumulation_steps", "total_updates",
+                  "ppo_epochs", "max_new_tokens", "max_prompt_length", "ptx_batch_size", "ptx_block_size")
+        _divisible(self, "batch_size", "num_minibatches")
+        _divisible(self, "minibatch_size", "gradient_accumulation_steps",
+                   note="minibatch_size = batch_size / num_minibatches")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        _non_negative(self, "top_k", "warmup_steps", "save_every", "sample_every", "num_samples",
+                      "rollout_batch_size", "kl_coef", "vf_coef", "entropy_coef", "num_threads")
+        for key in ("clip_eps", "learning_rate", "kl_target", "kl_horizon"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{key} must be > 0, got {getattr(self, key)}")
+        if self.dual_clip is not None and self.dual_clip <= 1:
+            raise ConfigError(f"dual_clip must be > 1, got {self.dual_clip}")
+        if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
+            raise ConfigError(f"gamma and lam must be in [0, 1], got gamma={self.gamma}, lam={self.lam}")
+        unknown = set(self.log_with) - {"tensorboard", "wandb"}
+        if unknown:
+            raise ConfigError(f"log_with: unknown sink(s) {sorted(unknown)}; allowed: tensorboard, wandb")
+
+
+def _require(cfg: Any, *keys: str) -> None:
+    for key in keys:
+        if getattr(cfg, key) in (None, ""):
+            raise ConfigError(f"{key} is required: {_help(cfg, key)}")
+
+
+def _positive(cfg: Any, *keys: str) -> None:
+    for key in keys:
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{key} must be >= 1, got {getattr(cfg, key)}")
+
+
+def _non_negative(cfg: Any, *keys: str) -> None:
+    for key in keys:
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{key} must be >= 0, got {getattr(cfg, key)}")
+
+
+def _divisible(cfg: Any, key: str, by: str, note: str = "") -> None:
+    a, b = getattr(cfg, key), getattr(cfg, by)
+    if a % b:
+        hint = f" ({note})" if note else ""
+        raise ConfigError(f"{key}={a} is not divisible by {by}={b}{hint}; choose sizes so it divides evenly")
+
+
+def _help(cfg: Any, key: str) -> str:
+    return next(f.metadata.get("help", "") for f in dataclasses.fields(cfg) if f.name == key)
+
+
+# --- loading ----------------------------------------------------------------
+
+
+def load_config(cls: type, path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Any:
+    """Build `cls` from a YAML file and `key=value` overrides (overrides win), then validate."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        values.update(_read_yaml(path))
+    for item in overrides or []:
+        key, value = _parse_override(item)
+        values[key] = value
+    return config_from_dict(cls, values)
+
+
+def config_from_dict(cls: type, values: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    checked = {}
+    for key, value in values.items():
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else f"; see `tether {_stage(cls)} --help`"
+            raise ConfigError(f"unknown config key {key!r}{hint}")
+        checked[key] = coerce(key, value, hints[key])
+    cfg = cls(**checked)
+    cfg.validate()
+    return cfg
+
+
+def _stage(cls: type) -> str:
+    return cls.__name__.replace("Config", "").lower()
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of key: value, got {type(data).__name__}")
+    return data
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check `value` against the annotation `hint`; convert the few safe cases (int -> float)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return coerce(key, value, inner[0])
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key} must be one of {', '.join(map(repr, args))}; got {value!r}")
+        return value
+    if origin is list:
+        items = value if isinstance(value, list) else [value]
+        return [coerce(key, v, args[0]) for v in items]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads "1e-5" as a string
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    else:
+        return value
+    raise ConfigError(f"{key} must be {hint.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
+def save_config(cfg: Any, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def describe_options(cls: type) -> str:
+    """Every option with its type, default and help, for `--help`."""
+    hints = typing.get_type_hints(cls)
+    lines = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kind = _type_name(hints[f.name])
+        lines.append(f"  {f.name}={default!r}  [{kind}]\n      {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+def _type_name(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return "|".join(map(str, args))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args if a is not type(None)) + " or null"
+    if origin is list:
+        return f"list[{_type_name(args[0])}]"
+    return getattr(hint, "__name__", str(hint))

@@ -1,0 +1,99 @@
+"""Every metric tether logs: its name, what it means and what healthy looks like.
+
+docs/metrics.md is rendered from this table (`python -m tether.metrics > docs/metrics.md`);
+a test keeps the two identical and checks that a PPO update logs exactly these names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    meaning: str
+    healthy: str
+
+
+PPO_METRICS: tuple[Metric, ...] = (
+    Metric("reward/score", "Mean sequence score from the reward model or function, after missing-EOS penalty, "
+           "before clipping/normalisation and KL shaping.",
+           "Rises over training. A steep rise together with falling `response/distinct_2` or exploding `kl/mean` "
+           "is reward hacking, not progress."),
+    Metric("reward/score_std", "Standard deviation of the scores in the batch.",
+           "Non-zero. Collapsing to 0 means every response scores the same: nothing left to learn."),
+    Metric("reward/kl_penalty", "Mean over responses of the summed per-token KL penalty −β·KL_t added to the reward.",
+           "Small next to `reward/score`; grows in magnitude as the policy drifts from the reference."),
+    Metric("reward/total", "Mean over responses of the summed shaped reward (processed score + KL penalty): "
+           "what PPO actually maximises.", "Rises."),
+    Metric("kl/mean", "Mean over responses of the summed per-token KL estimate to the reference, in nats "
+           "(the estimator chosen by `kl_estimator`, k1 by default).",
+           "Starts at 0, grows slowly. Typical RLHF runs stay below ~10 nats per response; tens of nats is drift "
+           "into gibberish or a single mode."),
+    Metric("kl/coef", "The KL coefficient β used for this update (changes only with `adaptive_kl`).",
+           "Constant for fixed KL; with adaptive KL it rises when `kl/mean` is above `kl_target`."),
+    Metric("policy/loss", "Clipped surrogate loss (PPO eq. 7), averaged over optimizer steps.",
+           "Noisy around 0 (advantages are whitened); a trend is not meaningful by itself."),
+    Metric("policy/approx_kl", "KL between the policy before and after this update's steps (k3 estimator on the "
+           "sampled tokens, averaged over minibatches). 0 on the first minibatch of every update.",
+           "Around 0.001–0.05. Much larger means steps are too big: lower `learning_rate` or `clip_eps`."),
+    Metric("policy/clipfrac", "Fraction of response tokens whose ratio fell outside the clip range and was cut.",
+           "0.0–0.2. Near 0 with a flat reward: steps too small. Above ~0.3: steps too large."),
+    Metric("policy/entropy", "Mean per-token entropy of the policy on its own responses (nats).",
+           "Declines slowly. A collapse toward 0 means the policy is repeating itself."),
+    Metric("policy/ratio_mean", "Mean probability ratio π_new/π_old over response tokens.", "Close to 1.0."),
+    Metric("policy/ratio_max", "Largest probability ratio on any response token in the update.",
+           "A few units at most. Hundreds mean a token's probability exploded: unstable training."),
+    Metric("policy/grad_norm", "Policy gradient norm before clipping, averaged over optimizer steps.",
+           "Stable; spikes precede instability. Consistently above `max_grad_norm` means clipping is always on."),
+    Metric("policy/lr", "Policy learning rate after this update.", "Follows the configured schedule."),
+    Metric("value/loss", "Clipped value loss ½·max((V−R)², (V_clip−R)²), averaged over optimizer steps.",
+           "Falls early, then tracks the reward's noise."),
+    Metric("value/clipfrac", "Fraction of tokens where the clipped value branch was chosen.", "Below ~0.3."),
+    Metric("value/explained_variance", "1 − Var(returns − values)/Var(returns) of the rollout's values.",
+           "Rises toward 1 as the critic learns; negative means the critic is worse than a constant."),
+    Metric("value/mean", "Mean value prediction over response tokens at rollout time.",
+           "Tracks `reward/total`."),
+    Metric("value/grad_norm", "Critic gradient norm before clipping, averaged over optimizer steps.", "Stable."),
+    Metric("value/lr", "Critic learning rate after this update.", "Follows the configured schedule."),
+    Metric("ptx/loss", "PPO-ptx pretraining LM loss (nats per token), 0 when PPO-ptx is off.",
+           "Stays near its starting value. Rising means the policy is forgetting: raise `ptx_coef`."),
+    Metric("returns/mean", "Mean GAE return over response tokens.", "Tracks `reward/total`."),
+    Metric("advantages/mean", "Mean advantage before whitening.", "Near 0 once the critic is trained."),
+    Metric("response/length", "Mean response length in tokens (EOS included).",
+           "Stable or slowly changing. Steady growth to `max_new_tokens` with a falling EOS rate is a known "
+           "collapse (Secrets of RLHF)."),
+    Metric("response/eos_rate", "Fraction of responses that ended with EOS or a stop string.",
+           "High (close to its starting value). A drop means responses run into the length limit."),
+    Metric("response/distinct_2", "Distinct bigrams / total bigrams over the batch's responses (Li et al. 2016).",
+           "Close to its starting value. A fall means repetition (\"thanks thanks thanks\")."),
+    Metric("ppo/optimizer_steps", "Optimizer steps taken this update (ppo_epochs × num_minibatches unless stopped "
+           "early by `target_kl_stop`).", "Equal to ppo_epochs × num_minibatches."),
+    Metric("ppo/early_stopped", "1 when `target_kl_stop` cut the update short, else 0.", "Mostly 0."),
+    Metric("time/rollout_s", "Seconds spent sampling and scoring.", "Stable."),
+    Metric("time/train_s", "Seconds spent in PPO epochs.", "Stable."),
+    Metric("time/update_s", "Seconds for the whole update.", "Stable."),
+)
+
+PPO_METRIC_NAMES: frozenset[str] = frozenset(m.name for m in PPO_METRICS)
+
+
+def render_markdown() -> str:
+    lines = [
+        "# Metrics",
+        "",
+        "Every metric `tether ppo` logs each update, in `metrics.jsonl` (one JSON object per update, with",
+        "`update` and the metrics below) and in any TensorBoard / Weights & Biases sink.",
+        "This file is generated from `tether/metrics.py`.",
+        "",
+        "| metric | what it means | what healthy looks like |",
+        "| --- | --- | --- |",
+    ]
+    for m in PPO_METRICS:
+        lines.append(f"| `{m.name}` | {m.meaning} | {m.healthy} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(render_markdown(), end="")

@@ -1,0 +1,241 @@
+"""The four roles: policy, reference, critic (value model) and reward model.
+
+Every role is a plain Hugging Face model (or a backbone plus a scalar head) so that a
+trained policy loads with `AutoModelForCausalLM.from_pretrained` and nothing of ours.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+PAD_TOKEN = "<|pad|>"
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+# --- tokenizer ----------------------------------------------------------------
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ensure_pad_token(tokenizer)
+    tokenizer.padding_side = "left"  # prompts are left-padded for generation (N-details item 1)
+    return tokenizer
+
+
+def ensure_pad_token(tokenizer) -> bool:
+    """Give the tokenizer a dedicated pad token when it has none, or when pad is EOS.
+
+    Padding with EOS hides where responses really end (N-details item 1). Returns True
+    when a token was added: models must then be resized with `resize_for_tokenizer`.
+    """
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return False
+    tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    log.warning("tokenizer had no dedicated pad token; added %r (id %d)", PAD_TOKEN, tokenizer.pad_token_id)
+    return True
+
+
+def resize_for_tokenizer(model: nn.Module, tokenizer) -> None:
+    """Grow the embedding matrix when the tokenizer gained tokens (e.g. the pad token)."""
+    embeddings = model.get_input_embeddings()
+    if embeddings.num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+
+
+def eos_token_ids(tokenizer, model: Optional[nn.Module] = None) -> list[int]:
+    """All ids that end a response: the tokenizer's EOS plus the model's generation EOS list."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None)
+    if isinstance(extra, int):
+        ids.add(extra)
+    elif extra:
+        ids.update(extra)
+    ids.discard(tokenizer.pad_token_id)
+    if not ids:
+        raise ValueError("the tokenizer has no EOS token; set tokenizer.eos_token so responses can end")
+    return sorted(ids)
+
+
+# --- policy and reference -----------------------------------------------------
+
+
+def load_causal_lm(path: str, dtype: torch.dtype = torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout off in every RL role (N-details item 4): otherwise the first ratio is not 1."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout", "hidden_dropout", "dropout"):
+        if hasattr(model.config, key) and isinstance(getattr(model.config, key), float):
+            setattr(model.config, key, 0.0)
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """The reference: a frozen copy of the initial policy."""
+    reference = copy.deepcopy(model)
+    return freeze(reference)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """transformers 5 renamed `past_key_values` to `cache`; support both."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def output_cache(output):
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Positions that skip left padding: cumsum(mask) - 1, clamped at 0 (N-details item 2)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+# --- critic -------------------------------------------------------------------
+
+
+class ValueModel(nn.Module):
+    """A transformer backbone plus a scalar value head: V(s_t) for every position."""
+
+    def __init__(self, backbone: nn.Module, head: Optional[nn.Linear] = None):
+        super().__init__()
+        self.backbone = backbone
+        hidden = backbone.config.get_text_config().hidden_size
+        self.value_head = head if head is not None else nn.Linear(hidden, 1)
+        if head is None:  # zero init: the first values are 0, not noise (N-details item 6)
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
+
+    @property
+    def config(self):
+        return self.backbone.config
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B, L) values, float32."""
+        hidden = last_hidden_state(self.backbone, input_ids, attention_mask)
+        return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
+
+    def save_pretrained(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        self.backbone.save_pretrained(path)
+        head = {k: v.detach().contiguous().cpu() for k, v in self.value_head.state_dict().items()}
+        save_file(head, str(path / VALUE_HEAD_FILE))
+
+    def gradient_checkpointing_enable(self) -> None:
+        self.backbone.gradient_checkpointing_enable()
+
+
+def last_hidden_state(backbone: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    out = backbone(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    )
+    return out.last_hidden_state
+
+
+def load_backbone(path: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(path, dtype=dtype)
+
+
+def load_value_model(path: str, dtype: torch.dtype = torch.float32, head_from_reward: bool = False) -> ValueModel:
+    """Critic from a policy, a reward model, or a saved critic (with value_head.safetensors).
+
+    Initialising from the reward model copies its score head too (N+ details; InstructGPT).
+    """
+    backbone = load_backbone(path, dtype)
+    head_file = Path(path) / VALUE_HEAD_FILE
+    critic = ValueModel(backbone)
+    if head_file.is_file():
+        from safetensors.torch import load_file
+
+        critic.value_head.load_state_dict(load_file(str(head_file)))
+    elif head_from_reward:
+        score = _score_head(load_reward_model(path, dtype))
+        if score is not None and score.weight.shape[0] == 1:
+            critic.value_head.weight.data.copy_(score.weight.data)
+            if score.bias is not None:
+                critic.value_head.bias.data.copy_(score.bias.data)
+    return critic.to(dtype)
+
+
+# --- reward model -------------------------------------------------------------
+
+
+def load_reward_model(path: str, dtype: torch.dtype = torch.float32):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype)
+    if model.config.num_labels != 1:
+        raise ValueError(
+            f"reward model {path} has num_labels={model.config.num_labels}; a reward model must output one score "
+            "(train it with `tether reward`, or load a model with num_labels=1)"
+        )
+    return model
+
+
+def _score_head(model: nn.Module) -> Optional[nn.Linear]:
+    head = getattr(model, "score", None)
+    return head if isinstance(head, nn.Linear) else None
+
+
+@torch.no_grad()
+def reward_model_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """(B,) score read at the last real token (N-details item 5), whatever the padding side.
+
+    Decoder reward models are run as backbone + score head so that padding never depends on
+    `config.pad_token_id`; other architectures fall back to their own pooling.
+    """
+    head = _score_head(model)
+    if head is None:
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+    hidden = last_hidden_state(model.base_model, input_ids, attention_mask)  # (B, L, H)
+    last = last_real_index(attention_mask)
+    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    return head(pooled).squeeze(-1).float()
+
+
+def last_real_index(attention_mask: Tensor) -> Tensor:
+    """(B,) index of the rightmost real token of each row."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device) + 1
+    return (positions * attention_mask.long()).argmax(-1)

@@ -1,0 +1,121 @@
+"""Reward sources: a reward model or a Python function, behind one small protocol."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import math
+from pathlib import Path
+from typing import Callable, Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+from tether.models import reward_model_scores
+
+
+class RewardError(ValueError):
+    """A reward source returned something unusable; the message names the item."""
+
+
+class RewardSource(Protocol):
+    def score(self, prompts: list[str], responses: list[str], input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B,) float32 scores for prompt+response. input_ids/attention_mask are the policy's tokens."""
+        ...
+
+
+class FunctionReward:
+    """A Python function `list[str] -> list[float]` scoring responses (optionally given `prompts=`)."""
+
+    def __init__(self, fn: Callable, name: str = ""):
+        self.fn = fn
+        self.name = name or getattr(fn, "__name__", repr(fn))
+        self.wants_prompts = "prompts" in inspect.signature(fn).parameters
+
+    def score(self, prompts, responses, input_ids=None, attention_mask=None) -> Tensor:
+        raw = self.fn(responses, prompts=prompts) if self.wants_prompts else self.fn(responses)
+        return check_scores(raw, responses, self.name)
+
+
+def check_scores(raw: Sequence[float], responses: list[str], name: str) -> Tensor:
+    """Never let a wrong count or a NaN from a reward reach training."""
+    try:
+        values = [float(v) for v in raw]
+    except (TypeError, ValueError) as err:
+        raise RewardError(f"reward {name} must return a list of numbers, got {type(raw).__name__}: {err}") from err
+    if len(values) != len(responses):
+        raise RewardError(f"reward {name} returned {len(values)} scores for {len(responses)} responses")
+    for i, v in enumerate(values):
+        if not math.isfinite(v):
+            raise RewardError(f"reward {name} returned a non-finite score {v} for item {i}: {responses[i][:200]!r}")
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def load_reward_fn(spec: str) -> FunctionReward:
+    """'package.module:function' or 'path/to/file.py:function'."""
+    module_name, _, attr = spec.rpartition(":")
+    if not module_name or not attr:
+        raise RewardError(f"reward_fn must look like 'module:function', got {spec!r}")
+    if module_name.endswith(".py"):
+        module = _module_from_file(module_name)
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            raise RewardError(f"reward_fn {spec!r}: cannot import module {module_name!r} ({err})") from err
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise RewardError(f"reward_fn {spec!r}: module {module_name!r} has no function {attr!r}")
+    return FunctionReward(fn, name=spec)
+
+
+def _module_from_file(path: str):
+    file = Path(path)
+    if not file.is_file():
+        raise RewardError(f"reward_fn file not found: {path}")
+    spec = importlib.util.spec_from_file_location(file.stem, file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class ModelReward:
+    """An AutoModelForSequenceClassification (one label) scoring prompt+response.
+
+    With its own tokenizer the text is decoded from the policy's tokens and re-encoded,
+    so the reward model need not share the policy's vocabulary (unlike TRL, #3595).
+    """
+
+    def __init__(self, model, tokenizer=None, max_length: int = 1024, batch_size: int = 16):
+        self.model = model.eval()
+        self.tokenizer = tokenizer  # None: same tokenizer as the policy, reuse its ids
+        self.max_length = max_length
+        self.batch_size = batch_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def score(self, prompts, responses, input_ids, attention_mask) -> Tensor:
+        if self.tokenizer is None:
+            ids, mask = input_ids, attention_mask
+        else:
+            ids, mask = self._encode([p + r for p, r in zip(prompts, responses)])
+        chunks = [
+            reward_model_scores(self.model, ids[i : i + self.batch_size].to(self.device),
+                                mask[i : i + self.batch_size].to(self.device))
+            for i in range(0, ids.shape[0], self.batch_size)
+        ]
+        scores = torch.cat(chunks).cpu()
+        bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
+        if bad:
+            raise RewardError(f"reward model produced a non-finite score for item {bad[0]}: {responses[bad[0]][:200]!r}")
+        return scores
+
+    def _encode(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        # Right side of the text matters most to the score: truncate on the left.
+        self.tokenizer.truncation_side = "left"
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=self.max_length)
+        return enc["input_ids"], enc["attention_mask"]

@@ -1,0 +1,392 @@
+"""The PPO trainer: rollout -> shaped rewards -> GAE -> ppo_epochs over minibatches.
+
+One update, top to bottom (DESIGN.md §1):
+  1. rollout   sample responses, score them with policy / reference / critic / reward
+  2. shape     per-token -β·KL plus the score on the last real token
+  3. advantage GAE(γ, λ), returns = advantages + values, whiten advantages
+  4. optimise  ppo_epochs × num_minibatches optimizer steps (clipped surrogate, clipped
+               value loss, optional PPO-ptx LM loss), whatever the gradient accumulation
+  5. control   KL controller, metrics, samples, doctor, checkpoints
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from tether.algo import (
+    AdaptiveKLController,
+    FixedKLController,
+    RunningMoments,
+    apply_missing_eos_penalty,
+    clip_scores,
+    clipped_policy_loss,
+    clipped_value_loss,
+    entropy_from_logits,
+    entropy_loss,
+    explained_variance,
+    gae,
+    kl_loss,
+    lm_loss,
+    logprobs_from_logits,
+    masked_mean,
+    masked_whiten,
+    shape_rewards,
+)
+from tether.checkpoint import save_checkpoint
+from tether.config import PPOConfig
+from tether.data import BlockSampler, PromptSampler, left_pad
+from tether.doctor import Doctor, distinct_n
+from tether.models import eos_token_ids, position_ids_from_mask
+from tether.rollout import (
+    GenerationSettings,
+    Rollout,
+    collect_rollout,
+    response_logits,
+    response_values,
+    select_rows,
+)
+from tether.tracking import SampleWriter, Tracker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PPOBatch:
+    """What the optimisation phase needs from one rollout."""
+
+    input_ids: Tensor       # (B, P+R)
+    attention_mask: Tensor  # (B, P+R)
+    response_mask: Tensor   # (B, R) True = real response token
+    old_logprobs: Tensor    # (B, R) log π_old, logits / temperature
+    ref_logprobs: Tensor    # (B, R) log π_ref
+    old_values: Tensor      # (B, R) V_old
+    advantages: Tensor      # (B, R) whitened GAE advantages
+    returns: Tensor         # (B, R) advantages (unwhitened) + values
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss or gradient became NaN/inf; the step was not applied."""
+
+
+def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
+    """Multiplier of the base learning rate after `step` optimizer steps."""
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if schedule == "linear":
+            return 1.0 - progress
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    return factor
+
+
+class PPOTrainer:
+    """Handed its collaborators; owns the optimizers, the KL controller and the data position."""
+
+    def __init__(self, cfg: PPOConfig, policy: nn.Module, reference: nn.Module, critic: nn.Module, reward,
+                 tokenizer, prompts: list[list[int]], tracker: Optional[Tracker] = None,
+                 ptx_blocks: Optional[Tensor] = None, run_dir: Optional[Path] = None,
+                 device: torch.device = torch.device("cpu")):
+        self.cfg, self.policy, self.reference, self.critic, self.reward = cfg, policy, reference, critic, reward
+        self.tokenizer, self.prompts, self.tracker, self.device = tokenizer, prompts, tracker, device
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.samples = SampleWriter(self.run_dir / "samples.jsonl") if self.run_dir else None
+        self.settings = GenerationSettings(
+            max_new_tokens=cfg.max_new_tokens, eos_ids=eos_token_ids(tokenizer, policy), pad_id=tokenizer.pad_token_id,
+            temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, stop_strings=list(cfg.stop_strings))
+        self.kl_controller = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
+                              else FixedKLController(cfg.kl_coef))
+        self.score_moments = RunningMoments()
+        self.prompt_sampler = PromptSampler(len(prompts), seed=cfg.seed)
+        self.ptx_sampler = BlockSampler(ptx_blocks, seed=cfg.seed + 1) if ptx_blocks is not None else None
+        self.shuffle_generator = torch.Generator().manual_seed(cfg.seed + 2)
+        total_steps = cfg.total_updates * cfg.ppo_epochs * cfg.num_minibatches
+        self.policy_optimizer, self.policy_scheduler = self._optimizer(policy, cfg.learning_rate, total_steps)
+        self.critic_optimizer, self.critic_scheduler = self._optimizer(
+            critic, cfg.critic_learning_rate or cfg.learning_rate, total_steps)
+        self.doctor = Doctor(cfg)
+        self.update = 0
+        self.first_minibatch_stats: dict[str, float] = {}
+
+    def _optimizer(self, model: nn.Module, lr: float, total_steps: int):
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=lr, eps=self.cfg.adam_eps, weight_decay=self.cfg.weight_decay)
+        schedule = lr_lambda(self.cfg.lr_schedule, self.cfg.warmup_steps, total_steps)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+    # --- the run -------------------------------------------------------------------
+
+    def train(self) -> dict[str, float]:
+        """Run the remaining updates with a progress bar; checkpoint when due and at the end."""
+        from tqdm.auto import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        bar = tqdm(total=self.cfg.total_updates, initial=self.update, desc="ppo", unit="update",
+                   disable=not self.cfg.progress, dynamic_ncols=True)
+        try:
+            with logging_redirect_tqdm():  # doctor warnings print above the bar, not through it
+                metrics = self._run_updates(bar)
+        finally:
+            bar.close()
+            if self.tracker is not None:
+                self.tracker.close()
+        if self.run_dir is not None:
+            self.save(self.run_dir / "final")
+        return metrics
+
+    def _run_updates(self, bar) -> dict[str, float]:
+        cfg, metrics = self.cfg, {}
+        while self.update < cfg.total_updates:
+            metrics = self.step()
+            bar.update(1)
+            bar.set_postfix(score=f"{metrics['reward/score']:.3f}", kl=f"{metrics['kl/mean']:.2f}",
+                            clip=f"{metrics['policy/clipfrac']:.2f}", len=f"{metrics['response/length']:.1f}")
+            if cfg.save_every and self.update % cfg.save_every == 0 and self.update < cfg.total_updates:
+                self.save(self.run_dir / f"checkpoint-{self.update}")
+        return metrics
+
+    def save(self, path: Path) -> Path:
+        """Policy + tokenizer (plain transformers format), critic, and the training state."""
+        state = {"update": self.update, "kl_coef": self.kl_controller.value,
+                 "kl_controller": self.kl_controller.state_dict(), "score_moments": self.score_moments.state_dict(),
+                 "prompt_sampler": self.prompt_sampler.state_dict(),
+                 "ptx_sampler": self.ptx_sampler.state_dict() if self.ptx_sampler else None}
+        tensors = {"policy_optimizer": self.policy_optimizer.state_dict(),
+                   "critic_optimizer": self.critic_optimizer.state_dict(),
+                   "policy_scheduler": self.policy_scheduler.state_dict(),
+                   "critic_scheduler": self.critic_scheduler.state_dict(),
+                   "torch_rng": torch.get_rng_state(), "shuffle_rng": self.shuffle_generator.get_state()}
+        return save_checkpoint(path, self.policy, self.tokenizer, self.critic, state, tensors)
+
+    # --- the update ----------------------------------------------------------------
+
+    def step(self) -> dict[str, float]:
+        """One PPO update; returns its metrics."""
+        cfg = self.cfg
+        start = time.perf_counter()
+        # 1. Rollout (no grad): sample and score with all four roles.
+        rollout = self.rollout(self.prompt_sampler.next_batch(cfg.batch_size))
+        rollout_s = time.perf_counter() - start
+        # 2. Shape rewards: -β·KL_t per token, processed score on the last real token.
+        raw_scores, scores = self.process_scores(rollout)
+        beta = self.kl_controller.value
+        in_reward = beta if cfg.kl_placement == "reward" else 0.0
+        rewards, kl, kl_reward = shape_rewards(scores, rollout.logprobs, rollout.ref_logprobs, rollout.response_mask,
+                                               in_reward, cfg.kl_estimator)
+        # 3. Advantages: GAE over response tokens, whitened over the batch's real tokens.
+        batch = self.make_batch(rollout, rewards)
+        # 4. Optimise: ppo_epochs passes over shuffled minibatches.
+        train_start = time.perf_counter()
+        opt_stats = self.optimise(batch)
+        train_s = time.perf_counter() - train_start
+        # 5. Control: the KL controller sees the mean summed KL per response (Ziegler et al. 2019).
+        kl_per_response = kl.sum(-1).mean().item()
+        self.kl_controller.update(kl_per_response, cfg.batch_size)
+        self.update += 1
+        metrics = {
+            **self.rollout_metrics(rollout, raw_scores, rewards, kl_reward, kl_per_response, beta, batch),
+            **opt_stats,
+            "time/rollout_s": rollout_s, "time/train_s": train_s, "time/update_s": time.perf_counter() - start,
+        }
+        self.after_update(rollout, raw_scores, metrics)
+        return metrics
+
+    def rollout(self, indices: list[int]) -> Rollout:
+        prompt_ids, prompt_mask = left_pad([self.prompts[i] for i in indices], self.tokenizer.pad_token_id)
+        self.policy.eval()
+        self.critic.eval()
+        return collect_rollout(self.policy, self.reference, self.critic, self.reward, self.tokenizer,
+                               prompt_ids.to(self.device), prompt_mask.to(self.device), self.settings,
+                               self.cfg.rollout_batch_size)
+
+    def process_scores(self, rollout: Rollout) -> tuple[Tensor, Tensor]:
+        """(logged score, score used for training): missing-EOS penalty, then normalise, then clip."""
+        cfg = self.cfg
+        scores = rollout.scores.float()
+        if cfg.missing_eos_penalty is not None:
+            scores = apply_missing_eos_penalty(scores, rollout.ended, cfg.missing_eos_penalty)
+        logged = scores
+        if cfg.normalize_scores:
+            self.score_moments.update(scores)
+            scores = self.score_moments.normalize(scores)
+        if cfg.score_clip is not None:
+            scores = clip_scores(scores, cfg.score_clip)
+        return logged, scores
+
+    def make_batch(self, rollout: Rollout, rewards: Tensor) -> PPOBatch:
+        mask = rollout.response_mask
+        advantages, returns = gae(rewards, rollout.values, mask, self.cfg.gamma, self.cfg.lam)
+        self._raw_advantage_mean = masked_mean(advantages, mask).item()
+        if self.cfg.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+        return PPOBatch(rollout.input_ids, rollout.attention_mask, mask, rollout.logprobs, rollout.ref_logprobs,
+                        rollout.values, advantages, returns)
+
+    # --- optimisation --------------------------------------------------------------
+
+    def optimise(self, batch: PPOBatch) -> dict[str, float]:
+        """Exactly ppo_epochs × num_minibatches optimizer steps (fewer only on a KL early stop)."""
+        cfg = self.cfg
+        self.policy.train()
+        self.critic.train()
+        totals: dict[str, list[float]] = defaultdict(list)
+        steps, stopped = 0, False
+        for _epoch in range(cfg.ppo_epochs):
+            order = torch.randperm(len(batch), generator=self.shuffle_generator)
+            for minibatch in order.split(cfg.minibatch_size):
+                stats = self.optimizer_step(select_rows(batch, minibatch.to(batch.input_ids.device)))
+                if steps == 0:
+                    self.first_minibatch_stats = dict(stats)
+                steps += 1
+                for key, value in stats.items():
+                    totals[key].append(value)
+                if cfg.target_kl_stop is not None and stats["policy/approx_kl"] > cfg.target_kl_stop:
+                    stopped = True
+                    break
+            if stopped:
+                break
+        metrics = {k: (max(v) if k == "policy/ratio_max" else sum(v) / len(v)) for k, v in totals.items()}
+        metrics["ppo/optimizer_steps"] = float(steps)
+        metrics["ppo/early_stopped"] = float(stopped)
+        metrics["policy/lr"] = self.policy_scheduler.get_last_lr()[0]
+        metrics["value/lr"] = self.critic_scheduler.get_last_lr()[0]
+        return metrics
+
+    def optimizer_step(self, minibatch: PPOBatch) -> dict[str, float]:
+        """Accumulate gradients over micro-batches, add PPO-ptx, clip, step both optimizers."""
+        cfg = self.cfg
+        # Token-level normalisation over the whole minibatch: accumulating k micro-batches
+        # gives exactly the gradient of one pass over the minibatch.
+        num_tokens = minibatch.response_mask.sum().item()
+        stats: dict[str, float] = defaultdict(float)
+        ratio_max = 0.0
+        for micro_index in torch.arange(len(minibatch)).split(cfg.micro_batch_size):
+            micro = select_rows(minibatch, micro_index.to(minibatch.input_ids.device))
+            weight = micro.response_mask.sum().item() / num_tokens
+            micro_stats = self.micro_step(micro, num_tokens)
+            for key, value in micro_stats.items():
+                if key == "policy/ratio_max":
+                    ratio_max = max(ratio_max, value)
+                else:
+                    stats[key] += weight * value
+        stats["policy/ratio_max"] = ratio_max
+        stats["ptx/loss"] = self.ptx_backward() if self.ptx_sampler is not None else 0.0
+        stats["policy/grad_norm"] = self._clip_and_step(self.policy, self.policy_optimizer, self.policy_scheduler,
+                                                        "policy")
+        stats["value/grad_norm"] = self._clip_and_step(self.critic, self.critic_optimizer, self.critic_scheduler,
+                                                       "value")
+        return dict(stats)
+
+    def micro_step(self, micro: PPOBatch, num_tokens: float) -> dict[str, float]:
+        """Forward + backward of policy and critic losses on one micro-batch."""
+        cfg = self.cfg
+        mask = micro.response_mask
+        length = mask.shape[1]
+        logits = response_logits(self.policy, micro.input_ids, micro.attention_mask, length, self.tokenizer.pad_token_id)
+        logprobs = logprobs_from_logits(logits, micro.input_ids[:, -length:], cfg.temperature)
+        # PPO eq. 7 (clipped surrogate); ratio is exactly 1 on the first minibatch (N-details item 15).
+        loss, pg = clipped_policy_loss(logprobs, micro.old_logprobs, micro.advantages, mask, cfg.clip_eps,
+                                       cfg.clip_eps_low, cfg.clip_eps_high, cfg.dual_clip, num_tokens=num_tokens)
+        if cfg.kl_placement == "loss":
+            kl_term, _ = kl_loss(logprobs, micro.ref_logprobs, mask, cfg.kl_estimator, num_tokens=num_tokens)
+            loss = loss + self.kl_controller.value * kl_term
+        if cfg.entropy_coef > 0:
+            entropy = entropy_from_logits(logits, cfg.temperature)
+            ent_loss, _ = entropy_loss(entropy, mask, num_tokens=num_tokens)
+            loss = loss + cfg.entropy_coef * ent_loss
+        else:
+            entropy = entropy_from_logits(logits.detach(), cfg.temperature)
+        _check_finite(loss, "policy loss", self.update)
+        loss.backward()
+        del logits
+        values = response_values(self.critic, micro.input_ids, micro.attention_mask, length)
+        v_loss, vs = clipped_value_loss(values, micro.old_values, micro.returns, mask, cfg.value_clip_eps,
+                                        num_tokens=num_tokens)
+        _check_finite(v_loss, "value loss", self.update)
+        (cfg.vf_coef * v_loss).backward()
+        return {
+            "policy/loss": pg["loss"].item(), "policy/approx_kl": pg["approx_kl"].item(),
+            "policy/clipfrac": pg["clipfrac"].item(), "policy/ratio_mean": pg["ratio_mean"].item(),
+            "policy/ratio_max": pg["ratio_max"].item(), "policy/entropy": masked_mean(entropy.detach(), mask).item(),
+            "value/loss": vs["loss"].item(), "value/clipfrac": vs["clipfrac"].item(),
+        }
+
+    def ptx_backward(self) -> float:
+        """PPO-ptx (Ouyang et al. 2022 eq. 2): ptx_coef × LM loss on pretraining text, same loss as SFT."""
+        blocks = self.ptx_sampler.next_batch(self.cfg.ptx_batch_size).to(self.device)
+        mask = torch.ones_like(blocks)
+        logits = self.policy(input_ids=blocks, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                             use_cache=False).logits
+        loss, stats = lm_loss(logits, blocks, mask)
+        _check_finite(loss, "ptx loss", self.update)
+        (self.cfg.ptx_coef * loss).backward()
+        return stats["loss"].item()
+
+    def _clip_and_step(self, model: nn.Module, optimizer, scheduler, name: str) -> float:
+        params = [p for p in model.parameters() if p.grad is not None]
+        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm is not None else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item() if params else 0.0
+        if not math.isfinite(norm):
+            optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteError(f"non-finite {name} gradient norm at update {self.update}; the step was not "
+                                 "applied. Lower learning_rate, or check the reward for extreme values.")
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    # --- metrics, samples, control -------------------------------------------------
+
+    def rollout_metrics(self, rollout: Rollout, raw_scores: Tensor, rewards: Tensor, kl_reward: Tensor,
+                        kl_per_response: float, beta: float, batch: PPOBatch) -> dict[str, float]:
+        mask = rollout.response_mask
+        responses = [ids[m].tolist() for ids, m in zip(rollout.response_ids, mask)]
+        return {
+            "reward/score": raw_scores.mean().item(),
+            "reward/score_std": raw_scores.std(unbiased=False).item(),
+            "reward/kl_penalty": kl_reward.sum(-1).mean().item(),
+            "reward/total": rewards.sum(-1).mean().item(),
+            "kl/mean": kl_per_response,
+            "kl/coef": beta,
+            "value/explained_variance": explained_variance(rollout.values, batch.returns, mask).item(),
+            "value/mean": masked_mean(rollout.values, mask).item(),
+            "returns/mean": masked_mean(batch.returns, mask).item(),
+            "advantages/mean": self._raw_advantage_mean,
+            "response/length": mask.sum(-1).float().mean().item(),
+            "response/eos_rate": rollout.ended.float().mean().item(),
+            "response/distinct_2": distinct_n(responses, 2),
+        }
+
+    def after_update(self, rollout: Rollout, raw_scores: Tensor, metrics: dict[str, float]) -> None:
+        cfg = self.cfg
+        if self.tracker is not None:
+            self.tracker.log(metrics, self.update)
+        for warning in self.doctor.check(self.update, metrics):
+            log.warning("doctor: %s", warning)
+        due = self.update == 1 or self.update == cfg.total_updates or (
+            cfg.sample_every and self.update % cfg.sample_every == 0)
+        if self.samples is not None and due and cfg.num_samples:
+            n = cfg.num_samples
+            self.samples.write(self.update, rollout.prompts[:n], rollout.responses[:n], raw_scores[:n].tolist())
+
+
+def _check_finite(loss: Tensor, what: str, update: int) -> None:
+    if not torch.isfinite(loss):
+        raise NonFiniteError(f"non-finite {what} ({loss.item()}) at update {update}; nothing was applied to the "
+                             "weights. Lower learning_rate, or check the reward for extreme values.")
