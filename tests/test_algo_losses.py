@@ -142,7 +142,7 @@ def test_policy_loss_matches_naive_loop(inputs, eps, dual_clip):
     lo = 1 - (clip_eps if low is None else low)
     hi = 1 + (clip_eps if high is None else high)
     losses, kls, clipped, ratios = [], [], [], []
-    for lp, o, a, m in zip(logprobs.flatten().tolist(), old.flatten().tolist(), adv.flatten().tolist(), mask.flatten().tolist()):
+    for lp, o, a, m in zip(*(t.flatten().tolist() for t in (logprobs, old, adv, mask))):
         if not m:
             continue
         ratio = math.exp(lp - o)
@@ -197,7 +197,7 @@ def test_value_loss_matches_naive_loop(inputs, clip_eps):
     values, old, returns, mask = inputs
     loss, stats = clipped_value_loss(values, old, returns, mask, clip_eps)
     losses, clipped, vs, errors = [], [], [], []
-    for v, o, ret, m in zip(values.flatten().tolist(), old.flatten().tolist(), returns.flatten().tolist(), mask.flatten().tolist()):
+    for v, o, ret, m in zip(*(t.flatten().tolist() for t in (values, old, returns, mask))):
         if not m:
             continue
         e1 = (v - ret) ** 2
@@ -225,7 +225,7 @@ def test_entropy_loss_hand_computed():
     assert stats["entropy"].item() == pytest.approx(2.0)
     assert_detached_scalars(stats)
     (grad,) = torch.autograd.grad(loss, entropy)
-    assert grad.tolist() == [[-1 / 3, -1 / 3, 0.0], [-1 / 3, 0.0, 0.0]]
+    torch.testing.assert_close(grad, torch.tensor([[-1 / 3, -1 / 3, 0.0], [-1 / 3, 0.0, 0.0]]))
     loss, _ = entropy_loss(entropy, mask, num_tokens=6)
     assert loss.item() == pytest.approx(-1.0)
 

@@ -1,0 +1,193 @@
+"""PPO trainer: invariants of one update, and tiny end-to-end runs where the reward must rise."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import REWARDS, base_overrides
+from tether.config import PPOConfig, config_from_dict
+from tether.metrics import PPO_METRIC_NAMES
+from tether.pipelines.ppo import build_ppo_trainer, run_ppo
+from tether.rewards import RewardError
+
+
+def make_trainer(tiny_dirs, tmp_path, **extra):
+    return build_ppo_trainer(config_from_dict(PPOConfig, base_overrides(tiny_dirs, tmp_path, **extra)))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_first_minibatch_has_ratio_one_and_no_kl(tiny_dirs, tmp_path, arch):
+    # N-details item 15: rollout and training log-probs must agree exactly.
+    trainer = make_trainer(tiny_dirs, tmp_path, arch=arch, num_minibatches=2, gradient_accumulation_steps=2)
+    for _ in range(2):
+        trainer.step()
+        first = trainer.first_minibatch_stats
+        assert first["policy/ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+        assert first["policy/ratio_max"] == pytest.approx(1.0, abs=1e-5)
+        assert first["policy/approx_kl"] == pytest.approx(0.0, abs=1e-9)
+        assert first["policy/clipfrac"] == 0.0
+
+
+@pytest.mark.parametrize("epochs,minibatches,accumulation", [(1, 1, 1), (2, 2, 1), (3, 2, 2), (2, 4, 2)])
+def test_optimizer_steps_per_update(tiny_dirs, tmp_path, epochs, minibatches, accumulation):
+    trainer = make_trainer(tiny_dirs, tmp_path, ppo_epochs=epochs, num_minibatches=minibatches,
+                           gradient_accumulation_steps=accumulation)
+    calls = {"policy": 0, "critic": 0}
+    for name, opt in (("policy", trainer.policy_optimizer), ("critic", trainer.critic_optimizer)):
+        original = opt.step
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        opt.step = counted
+    metrics = trainer.step()
+    assert calls == {"policy": epochs * minibatches, "critic": epochs * minibatches}
+    assert metrics["ppo/optimizer_steps"] == epochs * minibatches
+
+
+def test_accumulation_does_not_change_the_update(tiny_dirs, tmp_path):
+    """batch 8 x accumulation 1 gives the same update as batch 1 x accumulation 8."""
+    one = make_trainer(tiny_dirs, tmp_path / "a", num_minibatches=1, gradient_accumulation_steps=1)
+    eight = make_trainer(tiny_dirs, tmp_path / "b", num_minibatches=1, gradient_accumulation_steps=8)
+    assert one.cfg.micro_batch_size == 8 and eight.cfg.micro_batch_size == 1
+    torch.manual_seed(0)
+    rollout = one.rollout(list(range(8)))
+    _, scores = one.process_scores(rollout)
+    from tether.algo import shape_rewards
+
+    rewards, _, _ = shape_rewards(scores, rollout.logprobs, rollout.ref_logprobs, rollout.response_mask, 0.05)
+    batch = one.make_batch(rollout, rewards)
+    stats_one = one.optimise(batch)
+    stats_eight = eight.optimise(batch)
+    for (name, p1), (_, p8) in zip(one.policy.named_parameters(), eight.policy.named_parameters()):
+        assert torch.allclose(p1, p8, atol=1e-6, rtol=1e-5), name
+    for (name, c1), (_, c8) in zip(one.critic.named_parameters(), eight.critic.named_parameters()):
+        assert torch.allclose(c1, c8, atol=1e-6, rtol=1e-5), name
+    assert stats_one["policy/loss"] == pytest.approx(stats_eight["policy/loss"], abs=1e-5)
+    # the update really moved the weights (the comparison above is not between two no-ops)
+    reference = dict(one.reference.named_parameters())
+    assert any(not torch.equal(p, reference[n]) for n, p in one.policy.named_parameters())
+
+
+def run_rows(tiny_dirs, tmp_path, **extra):
+    cfg = config_from_dict(PPOConfig, base_overrides(
+        tiny_dirs, tmp_path, **{**dict(total_updates=30, batch_size=32, num_minibatches=2, ppo_epochs=4,
+                                       max_new_tokens=16, learning_rate=3e-3), **extra}))
+    run_ppo(cfg)
+    return [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+
+
+def mean_of(rows, key):
+    return sum(r[key] for r in rows) / len(rows)
+
+
+@pytest.fixture(scope="module")
+def weak_kl_rows(tiny_dirs, tmp_path_factory):
+    return run_rows(tiny_dirs, tmp_path_factory.mktemp("weak"), kl_coef=0.01)
+
+
+def test_score_rises_on_a_learnable_reward(weak_kl_rows):
+    rows = weak_kl_rows
+    assert len(rows) == 30
+    early, late = mean_of(rows[:5], "reward/score"), mean_of(rows[-5:], "reward/score")
+    assert late > early + 0.05, (early, late)
+    assert late > 3 * early
+
+
+def test_large_kl_coefficient_keeps_policy_at_reference(weak_kl_rows, tiny_dirs, tmp_path):
+    rows = run_rows(tiny_dirs, tmp_path, kl_coef=50.0)
+    weak_kl, strong_kl = mean_of(weak_kl_rows[-5:], "kl/mean"), mean_of(rows[-5:], "kl/mean")
+    assert weak_kl > 2.0  # without the brake the policy drifts far from the reference
+    assert strong_kl < 0.5 and strong_kl < 0.1 * weak_kl, (weak_kl, strong_kl)
+    assert mean_of(rows[-5:], "reward/score") < mean_of(weak_kl_rows[-5:], "reward/score")
+
+
+def test_every_documented_metric_is_logged_and_only_those(tiny_dirs, tmp_path):
+    trainer = make_trainer(tiny_dirs, tmp_path)
+    metrics = trainer.step()
+    assert set(metrics) == set(PPO_METRIC_NAMES)
+    assert all(isinstance(v, float) for v in metrics.values())
+
+
+def test_ptx_loss_is_added_and_falls(tiny_dirs, tmp_path):
+    text = tmp_path / "ptx.txt"
+    text.write_text("\n\n".join(["the cat is good today."] * 200))
+    trainer = make_trainer(tiny_dirs, tmp_path, ptx_data=str(text), ptx_coef=5.0, ptx_block_size=16,
+                           ptx_batch_size=4, total_updates=6, learning_rate=3e-3)
+    losses = [trainer.step()["ptx/loss"] for _ in range(6)]
+    assert losses[0] > 0
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_kl_early_stop_cuts_the_update(tiny_dirs, tmp_path):
+    trainer = make_trainer(tiny_dirs, tmp_path, ppo_epochs=4, num_minibatches=2, target_kl_stop=1e-12,
+                           learning_rate=1e-2, reward_fn=f"{REWARDS}:text_length")
+    metrics = trainer.step()
+    assert metrics["ppo/early_stopped"] == 1.0
+    assert metrics["ppo/optimizer_steps"] < 8
+
+
+def test_adaptive_kl_moves_the_coefficient(tiny_dirs, tmp_path):
+    trainer = make_trainer(tiny_dirs, tmp_path, adaptive_kl=True, kl_target=0.05, kl_horizon=100,
+                           learning_rate=1e-2, reward_fn=f"{REWARDS}:text_length", total_updates=5)
+    rows = [trainer.step() for _ in range(5)]
+    assert rows[0]["kl/coef"] == pytest.approx(0.05)
+    # Ziegler et al. 2019: beta moves toward the target by at most 20% x n_steps / horizon per update
+    for before, after in zip(rows, rows[1:]):
+        error = max(-0.2, min(0.2, before["kl/mean"] / 0.05 - 1))
+        assert after["kl/coef"] == pytest.approx(before["kl/coef"] * (1 + error * 8 / 100), rel=1e-5)
+    assert any(r["kl/mean"] > 0.05 for r in rows) and rows[-1]["kl/coef"] != rows[0]["kl/coef"]
+
+
+def test_run_directory_and_checkpoint_load_with_plain_transformers(tiny_dirs, tmp_path):
+    cfg = config_from_dict(PPOConfig, base_overrides(tiny_dirs, tmp_path, total_updates=2, save_every=1,
+                                                     sample_every=1, num_samples=3))
+    run_ppo(cfg)
+    run = tmp_path / "run"
+    assert (run / "config.yaml").is_file()
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert [s["update"] for s in samples] == [1, 1, 1, 2, 2, 2]
+    assert set(samples[0]) >= {"prompt", "response", "score"}
+    for name in ("checkpoint-1", "final"):
+        model = AutoModelForCausalLM.from_pretrained(run / name)
+        assert model.config.vocab_size >= 256
+        assert (run / name / "critic" / "value_head.safetensors").is_file()
+        assert (run / name / "tokenizer.json").is_file()
+    assert not list(run.glob("*.tmp"))
+
+
+def test_reward_model_and_critic_from_it(tiny_dirs, tmp_path):
+    trainer = make_trainer(tiny_dirs, tmp_path, reward_fn=None, reward_model=str(tiny_dirs["reward"]))
+    from tether.models import load_reward_model
+
+    rm = load_reward_model(str(tiny_dirs["reward"]))
+    assert torch.equal(trainer.critic.value_head.weight.data, rm.score.weight.data)
+    metrics = trainer.step()
+    assert metrics["reward/score_std"] > 0
+
+
+def test_non_finite_reward_is_a_clear_error_and_keeps_earlier_checkpoints(tiny_dirs, tmp_path):
+    module = tmp_path / "bad_reward.py"
+    module.write_text("calls = []\n"
+                      "def reward(responses):\n"
+                      "    calls.append(1)\n"
+                      "    return [float('nan') if len(calls) > 1 else 0.5 for _ in responses]\n")
+    cfg = config_from_dict(PPOConfig, base_overrides(tiny_dirs, tmp_path, reward_fn=f"{module}:reward",
+                                                     total_updates=3, save_every=1))
+    with pytest.raises(RewardError, match="non-finite score .* item 0"):
+        run_ppo(cfg)
+    run = tmp_path / "run"
+    assert (run / "checkpoint-1" / "model.safetensors").is_file()
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_reward_function_with_wrong_count_names_the_function(tiny_dirs, tmp_path):
+    module = tmp_path / "short_reward.py"
+    module.write_text("def reward(responses):\n    return [1.0]\n")
+    trainer = make_trainer(tiny_dirs, tmp_path, reward_fn=f"{module}:reward")
+    with pytest.raises(RewardError, match=r"returned 1 scores for 8 responses"):
+        trainer.step()

@@ -1,0 +1,195 @@
+"""Rollout: sampling under left padding, cutting at EOS, log-probs as sampled; the four roles."""
+
+import pytest
+import torch
+
+from tether.models import (
+    ValueModel,
+    disable_dropout,
+    ensure_pad_token,
+    eos_token_ids,
+    frozen_copy,
+    position_ids_from_mask,
+    reward_model_scores,
+)
+from tether.rewards import FunctionReward, ModelReward
+from tether.rollout import (
+    GenerationSettings,
+    collect_rollout,
+    filter_logits,
+    response_logprobs,
+    sample_responses,
+)
+from tether.tiny import build_tiny_causal_lm, build_tiny_reward_model, train_tokenizer, builtin_corpus
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def policy(request, tiny_tokenizer):
+    model = build_tiny_causal_lm(request.param, tiny_tokenizer, seed=0, hidden=32, layers=2, heads=2)
+    disable_dropout(model)
+    return model.eval()
+
+
+def left_padded(tokenizer, texts):
+    from tether.data import left_pad
+
+    return left_pad([tokenizer(t)["input_ids"] for t in texts], tokenizer.pad_token_id)
+
+
+def settings(tokenizer, **kw):
+    return GenerationSettings(max_new_tokens=kw.pop("max_new_tokens", 10), eos_ids=[tokenizer.eos_token_id],
+                              pad_id=tokenizer.pad_token_id, **kw)
+
+
+def test_left_padding_does_not_change_logprobs(policy, tiny_tokenizer):
+    """Position ids must skip left padding (N-details item 2): a padded row scores like the bare row."""
+    ids, mask = left_padded(tiny_tokenizer, ["the cat is good today.", "a dog"])
+    short = torch.tensor([tiny_tokenizer("a dog")["input_ids"]])
+    response = torch.tensor([[5, 9, 12]])
+    padded_full = torch.cat([ids, response.expand(2, -1)], 1)
+    padded_mask = torch.cat([mask, torch.ones(2, 3, dtype=mask.dtype)], 1)
+    bare_full = torch.cat([short, response], 1)
+    padded_lp, _ = response_logprobs(policy, padded_full, padded_mask, 3, temperature=0.7)
+    bare_lp, _ = response_logprobs(policy, bare_full, torch.ones_like(bare_full), 3, temperature=0.7)
+    assert torch.allclose(padded_lp[1], bare_lp[0], atol=1e-5)
+    real = int(padded_mask[1].sum())
+    assert position_ids_from_mask(padded_mask)[1].tolist() == [0] * (padded_mask.shape[1] - real) + list(range(real))
+
+
+def test_sampling_with_cache_cuts_at_eos_and_right_pads(policy, tiny_tokenizer):
+    torch.manual_seed(0)
+    ids, mask = left_padded(tiny_tokenizer, ["the cat", "my friend was", "a"])
+    s = settings(tiny_tokenizer, max_new_tokens=12)
+    # Make EOS likely so some rows end early and others do not.
+    with torch.no_grad():
+        policy.get_output_embeddings().weight[tiny_tokenizer.eos_token_id] *= 0
+        policy.get_output_embeddings().weight[tiny_tokenizer.eos_token_id] += 0.3
+    responses, response_mask, ended = sample_responses(policy, ids, mask, s)
+    for row, m, e in zip(responses, response_mask, ended):
+        n = int(m.sum())
+        assert m[:n].all() and not m[n:].any()  # real tokens form a prefix
+        assert (row[n:] == tiny_tokenizer.pad_token_id).all()  # right-padded
+        eos_at = (row == tiny_tokenizer.eos_token_id).nonzero().flatten().tolist()
+        if e:
+            assert eos_at == [n - 1]  # the EOS is the last real token, nothing after it
+        else:
+            assert n == s.max_new_tokens and not eos_at
+    assert (responses != tiny_tokenizer.pad_token_id)[response_mask].all()  # pad is never sampled
+
+
+def test_cached_sampling_matches_a_full_forward(policy, tiny_tokenizer):
+    """The KV-cache path gives the same next-token distribution as recomputing from scratch."""
+    torch.manual_seed(1)
+    ids, mask = left_padded(tiny_tokenizer, ["the cat is", "our"])
+    s = settings(tiny_tokenizer, max_new_tokens=6, temperature=0.8)
+    responses, response_mask, _ = sample_responses(policy, ids, mask, s)
+    full = torch.cat([ids, responses], 1)
+    full_mask = torch.cat([mask, response_mask.long()], 1)
+    lp, _ = response_logprobs(policy, full, full_mask, responses.shape[1], 0.8, tiny_tokenizer.pad_token_id)
+    assert torch.isfinite(lp[response_mask]).all()
+    assert (lp[response_mask] < 0).all()
+    # Recompute step by step without cache for row 0 and compare the log-prob of every sampled token.
+    for t in range(int(response_mask[0].sum())):
+        prefix = full[:1, : ids.shape[1] + t]
+        prefix_mask = full_mask[:1, : ids.shape[1] + t]
+        logits = policy(input_ids=prefix, attention_mask=prefix_mask,
+                        position_ids=position_ids_from_mask(prefix_mask)).logits[0, -1] / 0.8
+        logits[tiny_tokenizer.pad_token_id] = -1e4
+        expected = logits.log_softmax(-1)[responses[0, t]]
+        assert lp[0, t].item() == pytest.approx(expected.item(), abs=1e-4)
+
+
+def test_temperature_scales_logprobs(policy, tiny_tokenizer):
+    ids, mask = left_padded(tiny_tokenizer, ["the cat is good"])
+    lp1, _ = response_logprobs(policy, ids, mask, 3, temperature=1.0)
+    lp05, _ = response_logprobs(policy, ids, mask, 3, temperature=0.5)
+    assert not torch.allclose(lp1, lp05)
+
+
+def test_top_k_and_top_p_filters():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+    assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[False, False, True, True]]
+    probs = logits.softmax(-1)[0]  # [0.644, 0.237, 0.087, 0.032]
+    kept = ~torch.isinf(filter_logits(logits, top_p=0.7))
+    assert kept.tolist() == [[True, True, False, False]]
+    assert probs[0] < 0.7 < probs[0] + probs[1]
+    assert (~torch.isinf(filter_logits(logits, top_p=0.5))).tolist() == [[True, False, False, False]]
+
+
+def test_stop_strings_end_a_response(tiny_tokenizer):
+    model = build_tiny_causal_lm("gpt2", tiny_tokenizer, seed=3, hidden=32, layers=1, heads=2).eval()
+    ids, mask = left_padded(tiny_tokenizer, ["the cat"])
+    torch.manual_seed(0)
+    free, free_mask, _ = sample_responses(model, ids, mask, settings(tiny_tokenizer, max_new_tokens=20))
+    free_text = tiny_tokenizer.decode(free[0][free_mask[0]], skip_special_tokens=True)
+    stop = free_text[4:6]  # a string the same sampling run is known to produce
+    torch.manual_seed(0)
+    s = settings(tiny_tokenizer, max_new_tokens=20, stop_strings=[stop])
+    responses, response_mask, ended = sample_responses(model, ids, mask, s, tiny_tokenizer)
+    text = tiny_tokenizer.decode(responses[0][response_mask[0]], skip_special_tokens=True)
+    assert ended.all()
+    assert stop in text and free_text.startswith(text)
+    assert stop not in tiny_tokenizer.decode(responses[0][response_mask[0]][:-1], skip_special_tokens=True)
+    assert int(response_mask[0].sum()) < int(free_mask[0].sum())
+
+
+def test_pad_token_is_added_when_missing_and_not_eos():
+    tok = train_tokenizer(builtin_corpus(50), vocab_size=128)
+    tok.pad_token = tok.eos_token  # a common setup: pad = EOS
+    assert ensure_pad_token(tok) is True
+    assert tok.pad_token_id != tok.eos_token_id
+    assert ensure_pad_token(tok) is False
+
+
+def test_eos_ids_include_generation_config(tiny_tokenizer):
+    model = build_tiny_causal_lm("gpt2", tiny_tokenizer, seed=0, hidden=32, layers=1, heads=2)
+    model.generation_config.eos_token_id = [tiny_tokenizer.eos_token_id, 7]
+    assert eos_token_ids(tiny_tokenizer, model) == sorted({tiny_tokenizer.eos_token_id, 7})
+
+
+def test_reward_model_reads_the_last_real_token(tiny_tokenizer):
+    rm = build_tiny_reward_model("gpt2", tiny_tokenizer, seed=0, hidden=32, layers=1, heads=2).eval()
+    ids = torch.tensor([tiny_tokenizer("the cat is good")["input_ids"]])
+    alone = reward_model_scores(rm, ids, torch.ones_like(ids))
+    pad = tiny_tokenizer.pad_token_id
+    # the same text left-padded, right-padded, and with garbage where the mask is 0
+    left = torch.cat([torch.full((1, 3), pad), ids], 1)
+    right = torch.cat([ids, torch.full((1, 4), 17)], 1)
+    left_mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones_like(ids)], 1)
+    right_mask = torch.cat([torch.ones_like(ids), torch.zeros(1, 4, dtype=torch.long)], 1)
+    assert reward_model_scores(rm, left, left_mask).item() == pytest.approx(alone.item(), abs=1e-5)
+    assert reward_model_scores(rm, right, right_mask).item() == pytest.approx(alone.item(), abs=1e-5)
+
+
+def test_reward_model_with_its_own_tokenizer_reencodes_text(tiny_tokenizer):
+    """A reward model need not share the policy's vocabulary: text is decoded and re-encoded."""
+    other = train_tokenizer(["completely different words here"] * 20 + builtin_corpus(100, seed=9), vocab_size=200)
+    rm = build_tiny_reward_model("gpt2", other, seed=0, hidden=32, layers=1, heads=2).eval()
+    reward = ModelReward(rm, other)
+    prompts, responses = ["the cat", "a dog"], [" is good.", " was bad today."]
+    policy_ids = torch.zeros(2, 3, dtype=torch.long)  # ignored: the text is what counts
+    scores = reward.score(prompts, responses, policy_ids, torch.ones_like(policy_ids))
+    expected = [reward_model_scores(rm, torch.tensor([other(p + r)["input_ids"]]),
+                                    torch.ones(1, len(other(p + r)["input_ids"]), dtype=torch.long)).item()
+                for p, r in zip(prompts, responses)]
+    assert scores.tolist() == pytest.approx(expected, abs=1e-5)
+
+
+def test_collect_rollout_chunks_join_like_one_batch(tiny_tokenizer):
+    policy = build_tiny_causal_lm("llama", tiny_tokenizer, seed=0, hidden=32, layers=1, heads=2).eval()
+    reference = frozen_copy(policy)
+    critic = ValueModel(build_tiny_causal_lm("llama", tiny_tokenizer, seed=1, hidden=32, layers=1, heads=2).model)
+    reward = FunctionReward(lambda rs: [float(len(r)) for r in rs])
+    ids, mask = left_padded(tiny_tokenizer, ["the cat is good today", "a", "my friend", "our team was"])
+    torch.manual_seed(0)
+    rollout = collect_rollout(policy, reference, critic, reward, tiny_tokenizer, ids, mask,
+                              settings(tiny_tokenizer, max_new_tokens=6), chunk_size=2)
+    assert rollout.input_ids.shape[0] == 4
+    assert torch.equal(rollout.attention_mask[:, rollout.prompt_length:].bool(), rollout.response_mask)
+    # policy == reference at the start, so the per-token KL is exactly zero
+    assert torch.equal(rollout.logprobs, rollout.ref_logprobs)
+    # recomputing log-probs on the joined batch gives the chunked values (padding changed nothing)
+    lp, _ = response_logprobs(policy, rollout.input_ids, rollout.attention_mask, rollout.response_mask.shape[1],
+                              1.0, tiny_tokenizer.pad_token_id)
+    assert torch.allclose(lp * rollout.response_mask, rollout.logprobs, atol=1e-5)
+    assert rollout.scores.tolist() == [float(len(r)) for r in rollout.responses]
