@@ -1,0 +1,122 @@
+"""Runs as a user types them, the docs that describe them, and the doctor that watches them."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from conftest import REWARDS, base_overrides
+from tether.config import PPOConfig, config_from_dict
+from tether.data import DataError
+from tether.doctor import Doctor, distinct_n
+from tether.metrics import PPO_METRIC_NAMES, render_markdown
+from tether.pipelines.ppo import build_ppo_trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_docs_metrics_md_is_generated_from_the_metric_table():
+    assert (ROOT / "docs" / "metrics.md").read_text() == render_markdown()
+    for name in PPO_METRIC_NAMES:
+        assert f"`{name}`" in render_markdown()
+
+
+def test_cli_ppo_run_as_a_user_types_it(tiny_dirs, tmp_path):
+    config = tmp_path / "ppo.yaml"
+    values = base_overrides(tiny_dirs, tmp_path, total_updates=2)
+    values.pop("output_dir")
+    config.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in values.items()) + "\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "tether.cli", "ppo", "--config", str(config),
+                             f"output_dir={tmp_path / 'cli_run'}", "kl_coef=0.1"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "done: 2 updates" in result.stdout
+    run = tmp_path / "cli_run"
+    saved = (run / "config.yaml").read_text()
+    assert "kl_coef: 0.1" in saved and "total_updates: 2" in saved
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["update"] for r in rows] == [1, 2]
+    assert (run / "final" / "model.safetensors").is_file()
+
+
+def test_cli_names_a_missing_prompt_file(tiny_dirs, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "tether.cli", "ppo", f"policy={tiny_dirs['gpt2']}",
+                             f"prompts={tmp_path / 'missing.jsonl'}", f"reward_fn={REWARDS}:text_length",
+                             f"output_dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert "missing.jsonl" in result.stderr and "not found" in result.stderr
+
+
+def test_tokenizer_without_pad_token_gets_one_and_says_so(tiny_dirs, tmp_path, caplog):
+    policy_dir = tmp_path / "nopad"
+    policy_dir.mkdir()
+    for f in tiny_dirs["gpt2"].iterdir():
+        (policy_dir / f.name).write_bytes(f.read_bytes())
+    tok = AutoTokenizer.from_pretrained(policy_dir)
+    tok.pad_token = None
+    tok.save_pretrained(policy_dir)
+    with caplog.at_level(logging.WARNING):
+        trainer = build_ppo_trainer(config_from_dict(PPOConfig, base_overrides(
+            tiny_dirs, tmp_path, policy=str(policy_dir), reward_fn=f"{REWARDS}:text_length")))
+    assert "no dedicated pad token" in caplog.text
+    assert trainer.tokenizer.pad_token_id != trainer.tokenizer.eos_token_id
+    assert trainer.policy.get_input_embeddings().num_embeddings == len(trainer.tokenizer)
+    assert trainer.critic.backbone.get_input_embeddings().num_embeddings == len(trainer.tokenizer)
+    trainer.step()  # pads are valid ids for every role
+
+
+def test_overlong_prompts_are_counted_or_rejected(tiny_dirs, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        build_ppo_trainer(config_from_dict(PPOConfig, base_overrides(tiny_dirs, tmp_path, max_prompt_length=2)))
+    assert "were longer than max_prompt_length=2 and were truncated on the left" in caplog.text
+    with pytest.raises(DataError, match="max_prompt_length"):
+        build_ppo_trainer(config_from_dict(PPOConfig, base_overrides(
+            tiny_dirs, tmp_path, max_prompt_length=2, overlong_prompts="error")))
+
+
+def test_empty_prompt_file_is_a_clear_error(tiny_dirs, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match="empty"):
+        build_ppo_trainer(config_from_dict(PPOConfig, base_overrides(tiny_dirs, tmp_path, prompts=str(empty))))
+
+
+def test_distinct_n():
+    assert distinct_n([[1, 2, 3], [1, 2, 4]], 2) == pytest.approx(3 / 4)
+    assert distinct_n([[7, 7, 7, 7]], 2) == pytest.approx(1 / 3)
+    assert distinct_n([[1]], 2) == 0.0
+
+
+def healthy(**changes):
+    row = {"reward/score": 0.0, "reward/score_std": 1.0, "response/distinct_2": 0.9, "policy/approx_kl": 0.01,
+           "policy/ratio_mean": 1.0, "policy/clipfrac": 0.05, "response/eos_rate": 0.9}
+    row.update(changes)
+    return row
+
+
+def test_doctor_names_reward_hacking_once_until_it_clears():
+    doctor = Doctor()
+    assert doctor.check(1, healthy()) == []
+    said = doctor.check(2, healthy(**{"reward/score": 3.0, "response/distinct_2": 0.3}))
+    assert len(said) == 1 and "reward_hacking" in said[0] and "kl_coef" in said[0]
+    assert doctor.check(3, healthy(**{"reward/score": 3.0, "response/distinct_2": 0.3})) == []
+    assert doctor.check(4, healthy()) == []
+    assert "reward_hacking" in doctor.check(5, healthy(**{"reward/score": 3.0, "response/distinct_2": 0.3}))[0]
+
+
+def test_doctor_flat_reward_and_instability_and_length():
+    doctor = Doctor()
+    said = []
+    for update in range(1, 17):
+        said += doctor.check(update, healthy(**{"policy/approx_kl": 1e-6}))
+    assert len(said) == 1 and "reward_flat" in said[0] and "learning_rate" in said[0]
+    assert "unstable" in Doctor().check(1, healthy(**{"policy/clipfrac": 0.5}))[0]
+    doctor = Doctor()
+    doctor.check(1, healthy())
+    assert "runaway_length" in doctor.check(2, healthy(**{"response/eos_rate": 0.2}))[0]
