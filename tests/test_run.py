@@ -36,7 +36,7 @@ def test_cli_ppo_run_as_a_user_types_it(tiny_dirs, tmp_path):
                              f"output_dir={tmp_path / 'cli_run'}", "kl_coef=0.1"],
                             capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "done: 2 updates" in result.stdout
+    assert "done: ppo; reward/score" in result.stdout
     run = tmp_path / "cli_run"
     saved = (run / "config.yaml").read_text()
     assert "kl_coef: 0.1" in saved and "total_updates: 2" in saved

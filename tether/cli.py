@@ -7,16 +7,42 @@ import logging
 import os
 import sys
 
-from tether.config import ConfigError, PPOConfig, describe_options, load_config
+import importlib
+
+from tether.config import ConfigError, PPOConfig, RewardConfig, SFTConfig, describe_options, load_config
+
+# stage -> (config class, runner "module:function", one-line help)
+STAGES = {
+    "sft": (SFTConfig, "tether.pipelines.sft:run_sft",
+            "Supervised fine-tuning (or pretraining from scratch) of a causal LM."),
+    "reward": (RewardConfig, "tether.pipelines.reward:run_reward",
+               "Reward-model training on preference pairs (Bradley-Terry)."),
+    "ppo": (PPOConfig, "tether.pipelines.ppo:run_ppo",
+            "PPO fine-tuning of a policy against a reward model or function."),
+}
 
 
-def _ppo(args: argparse.Namespace) -> int:
-    from tether.pipelines.ppo import run_ppo
+def _run_stage(args: argparse.Namespace) -> int:
+    cls, runner, _ = STAGES[args.command]
+    cfg = load_config(cls, args.config, args.overrides)
+    module, _, name = runner.partition(":")
+    summary = getattr(importlib.import_module(module), name)(cfg)
+    print(f"done: {args.command}; {_headline(summary)}run directory {cfg.output_dir}")
+    return 0
 
-    cfg = load_config(PPOConfig, args.config, args.overrides)
-    metrics = run_ppo(cfg)
-    print(f"done: {cfg.total_updates} updates, final score {metrics.get('reward/score', float('nan')):.4f}, "
-          f"KL {metrics.get('kl/mean', float('nan')):.3f}; run directory {cfg.output_dir}")
+
+def _headline(summary) -> str:
+    if not isinstance(summary, dict):
+        return ""
+    keys = [k for k in ("reward/score", "kl/mean", "eval/loss", "eval/perplexity", "eval/accuracy") if k in summary]
+    return "".join(f"{k} {summary[k]:.4f}, " for k in keys)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from tether.report import build_report
+
+    path = build_report(args.run_dir)
+    print(f"report: {path}")
     return 0
 
 
@@ -30,14 +56,17 @@ def _demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tether", description="RLHF with PPO for Hugging Face causal LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
-    ppo = sub.add_parser(
-        "ppo", help="PPO fine-tuning of a policy against a reward model or function.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Options go in a YAML file (--config) and/or as key=value overrides, which win.",
-        epilog="options (key=default  [type]):\n" + describe_options(PPOConfig))
-    ppo.add_argument("--config", help="YAML file of options.")
-    ppo.add_argument("overrides", nargs="*", metavar="key=value", help="Options overriding the YAML file.")
-    ppo.set_defaults(run=_ppo)
+    for name, (cls, _, summary) in STAGES.items():
+        stage = sub.add_parser(
+            name, help=summary, formatter_class=argparse.RawDescriptionHelpFormatter,
+            description=summary + " Options go in a YAML file (--config) and/or key=value overrides, which win.",
+            epilog="options (key=default  [type]):\n" + describe_options(cls))
+        stage.add_argument("--config", help="YAML file of options.")
+        stage.add_argument("overrides", nargs="*", metavar="key=value", help="Options overriding the YAML file.")
+        stage.set_defaults(run=_run_stage)
+    report = sub.add_parser("report", help="Rebuild report.html and plots from a PPO run directory.")
+    report.add_argument("run_dir", help="A run directory with metrics.jsonl and samples.jsonl.")
+    report.set_defaults(run=_report)
     demo = sub.add_parser("demo", help="A small offline PPO run on CPU that shows the score rising.")
     demo.add_argument("--output-dir", default="runs/demo", help="Where the demo writes its run (default runs/demo).")
     demo.add_argument("--fresh", action="store_true", help="Recompute every stage instead of reusing cached ones.")

@@ -303,3 +303,119 @@ def _type_name(hint: Any) -> str:
     if origin is list:
         return f"list[{_type_name(args[0])}]"
     return getattr(hint, "__name__", str(hint))
+
+
+@dataclass
+class SFTConfig:
+    # --- model ----------------------------------------------------------------
+    model: Optional[str] = opt(None, "Model to fine-tune (path or hub id); null with init=scratch builds a new one.")
+    init: Literal["pretrained", "scratch"] = opt("pretrained", "'scratch' builds a small model from arch/hidden/layers/heads.")
+    tokenizer: Optional[str] = opt(None, "Tokenizer path; default: the model's. With init=scratch and none given, a byte-level BPE is trained on the data.")
+    vocab_size: int = opt(4096, "Vocabulary size of a tokenizer trained on the data (init=scratch).")
+    arch: Literal["gpt2", "llama"] = opt("gpt2", "Architecture for init=scratch.")
+    hidden: int = opt(256, "Hidden size for init=scratch.")
+    layers: int = opt(4, "Transformer layers for init=scratch.")
+    heads: int = opt(4, "Attention heads for init=scratch.")
+    dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "Weights dtype.")
+    device: str = opt("auto", "Device: 'auto', 'cpu', 'cuda', ...")
+    gradient_checkpointing: bool = opt(False, "Trade compute for memory.")
+
+    # --- data -----------------------------------------------------------------
+    data: str = opt(None, "Training text: .jsonl/.json/.csv/.parquet/.txt file, a save_to_disk dir or a hub id (required).")
+    text_field: str = opt("text", "Field holding plain text; records with a 'messages' field are rendered with the chat template.")
+    eval_data: Optional[str] = opt(None, "Held-out text; default: eval_fraction of the training documents.")
+    eval_fraction: float = opt(0.05, "Fraction of documents held out for eval loss / perplexity when eval_data is not given.")
+    block_size: int = opt(128, "Tokens per packed training block.")
+
+    # --- optimisation ---------------------------------------------------------
+    batch_size: int = opt(16, "Blocks per optimizer step.")
+    gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.")
+    max_steps: int = opt(1000, "Optimizer steps (the run also stops at max_seconds).")
+    max_seconds: Optional[float] = opt(None, "Stop training after this many seconds (a compute budget).")
+    learning_rate: float = opt(1e-3, "Peak learning rate.")
+    lr_schedule: Literal["constant", "linear", "cosine"] = opt("cosine", "Schedule after warmup.")
+    warmup_steps: int = opt(50, "Linear warmup steps.")
+    weight_decay: float = opt(0.1, "AdamW weight decay.")
+    adam_eps: float = opt(1e-8, "Adam epsilon.")
+    max_grad_norm: Optional[float] = opt(1.0, "Gradient clipping (null = off).")
+    eval_every: int = opt(200, "Evaluate held-out loss every N steps (and at the end).")
+
+    # --- run ------------------------------------------------------------------
+    output_dir: str = opt("runs/sft", "Run directory: config.yaml, metrics.jsonl and the model in save_pretrained format.")
+    seed: int = opt(0, "Random seed.")
+    progress: bool = opt(True, "Show a progress bar.")
+    num_threads: int = opt(0, "torch CPU threads (0 = number of cores).")
+
+    def __post_init__(self) -> None:
+        self.micro_batch_size = self.batch_size // max(self.gradient_accumulation_steps, 1)
+
+    def validate(self) -> None:
+        _require(self, "data")
+        if self.init == "pretrained" and not self.model:
+            raise ConfigError("model is required unless init=scratch (then arch/hidden/layers/heads define it)")
+        _positive(self, "batch_size", "gradient_accumulation_steps", "max_steps", "block_size", "eval_every",
+                  "vocab_size", "hidden", "layers", "heads")
+        _divisible(self, "batch_size", "gradient_accumulation_steps")
+        _divisible(self, "hidden", "heads")
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+        _non_negative(self, "warmup_steps", "num_threads", "weight_decay")
+
+
+@dataclass
+class RewardConfig:
+    # --- model ----------------------------------------------------------------
+    model: str = opt(None, "Backbone to start from, e.g. an SFT checkpoint (required); a scalar head is added.")
+    tokenizer: Optional[str] = opt(None, "Tokenizer path; default: the model's.")
+    dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "Weights dtype.")
+    device: str = opt("auto", "Device: 'auto', 'cpu', 'cuda', ...")
+
+    # --- data -----------------------------------------------------------------
+    data: str = opt(None, "Preference pairs: file, save_to_disk dir or hub id with prompt/chosen/rejected (required).")
+    prompt_field: str = opt("prompt", "Field holding the prompt (text or chat messages).")
+    chosen_field: str = opt("chosen", "Field holding the preferred response.")
+    rejected_field: str = opt("rejected", "Field holding the dispreferred response.")
+    eval_data: Optional[str] = opt(None, "Held-out pairs; default: eval_fraction of the pairs.")
+    eval_fraction: float = opt(0.1, "Fraction of pairs held out for pairwise accuracy when eval_data is not given.")
+    max_length: int = opt(256, "Prompt + response tokens; longer pairs are truncated on the left.")
+
+    # --- optimisation ---------------------------------------------------------
+    batch_size: int = opt(32, "Pairs per optimizer step.")
+    gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.")
+    epochs: float = opt(1.0, "Passes over the training pairs.")
+    learning_rate: float = opt(1e-4, "Peak learning rate.")
+    lr_schedule: Literal["constant", "linear", "cosine"] = opt("linear", "Schedule after warmup.")
+    warmup_steps: int = opt(0, "Linear warmup steps.")
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    max_grad_norm: Optional[float] = opt(1.0, "Gradient clipping (null = off).")
+    eval_every: int = opt(100, "Evaluate held-out accuracy every N steps (and at the end).")
+
+    # --- score normalisation (Ziegler et al. 2019) ------------------------------
+    normalize_policy: Optional[str] = opt(None, "Policy whose responses should score mean 0, std 1 after training (gain/bias on the head).")
+    normalize_prompts: Optional[str] = opt(None, "Prompts to sample normalize_policy on (file, dir or hub id; field prompt_field).")
+    normalize_samples: int = opt(256, "Responses sampled for the normalisation statistics.")
+    normalize_max_new_tokens: int = opt(32, "Response length for normalisation samples.")
+
+    # --- run ------------------------------------------------------------------
+    output_dir: str = opt("runs/reward", "Run directory: config.yaml, metrics.jsonl and the model (AutoModelForSequenceClassification).")
+    seed: int = opt(0, "Random seed.")
+    progress: bool = opt(True, "Show a progress bar.")
+    num_threads: int = opt(0, "torch CPU threads (0 = number of cores).")
+
+    def __post_init__(self) -> None:
+        self.micro_batch_size = self.batch_size // max(self.gradient_accumulation_steps, 1)
+
+    def validate(self) -> None:
+        _require(self, "model", "data")
+        _positive(self, "batch_size", "gradient_accumulation_steps", "max_length", "eval_every", "normalize_samples",
+                  "normalize_max_new_tokens")
+        _divisible(self, "batch_size", "gradient_accumulation_steps")
+        if self.epochs <= 0 or self.learning_rate <= 0:
+            raise ConfigError(f"epochs and learning_rate must be > 0, got {self.epochs}, {self.learning_rate}")
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if (self.normalize_policy is None) != (self.normalize_prompts is None):
+            raise ConfigError("normalize_policy and normalize_prompts go together: set both or neither")
+        _non_negative(self, "warmup_steps", "num_threads", "weight_decay")

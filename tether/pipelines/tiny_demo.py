@@ -26,9 +26,12 @@ log = logging.getLogger(__name__)
 TARGET_WORD = "good"
 
 
-def good_word_count(responses: list[str]) -> list[float]:
-    """Reward: how often the response says "good" (the demo's learnable target)."""
-    return [float(r.replace(".", " ").split().count(TARGET_WORD)) for r in responses]
+def says_good(responses: list[str]) -> list[float]:
+    """Reward: 1 when the response says "good" (the demo's learnable target), else 0.
+
+    Paying once, not per occurrence, leaves nothing to gain from "good good good".
+    """
+    return [float(TARGET_WORD in r.replace(".", " ").split()) for r in responses]
 
 
 def pretrain_tiny_policy(directory: Path, steps: int = 300, seed: int = 0) -> Path:
@@ -65,9 +68,9 @@ def write_prompts(path: Path, n: int = 256) -> Path:
 def demo_config(output_dir: Path) -> PPOConfig:
     return config_from_dict(PPOConfig, dict(
         policy=str(output_dir / "base"), prompts=str(output_dir / "prompts.jsonl"),
-        reward_fn="tether.pipelines.tiny_demo:good_word_count", output_dir=str(output_dir / "ppo"),
+        reward_fn="tether.pipelines.tiny_demo:says_good", output_dir=str(output_dir / "ppo"),
         total_updates=40, batch_size=32, num_minibatches=2, ppo_epochs=4, max_new_tokens=20,
-        learning_rate=3e-4, kl_coef=0.05, temperature=1.0, sample_every=10, num_samples=4, seed=0))
+        learning_rate=3e-4, kl_coef=0.1, temperature=1.0, sample_every=10, num_samples=4, seed=0))
 
 
 def run_tiny_demo(output_dir: str | Path, fresh: bool = False) -> dict[str, float]:
