@@ -1,0 +1,108 @@
+"""Build an SFT run from its config: tokenizer, documents, packed blocks, model; train; save."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+
+import torch
+
+from tether.checkpoint import save_checkpoint, seed_everything
+from tether.config import SFTConfig, save_config
+from tether.data import DataError, load_records, load_texts, pack_texts
+from tether.models import load_causal_lm, load_tokenizer, pick_device, torch_dtype
+from tether.pipelines.ppo import set_threads
+from tether.tiny import tiny_config, train_tokenizer
+from tether.tracking import JsonlSink
+from tether.trainers.sft import SFTTrainer
+
+log = logging.getLogger(__name__)
+
+
+def run_sft(cfg: SFTConfig) -> dict[str, float]:
+    cfg.validate()
+    set_threads(cfg.num_threads)
+    seed_everything(cfg.seed)
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    device = pick_device(cfg.device)
+
+    raw = raw_documents(cfg.data, cfg.text_field)
+    tokenizer = sft_tokenizer(cfg, raw)
+    train_docs, eval_docs = split_documents(cfg, render_documents(raw, tokenizer))
+    train_blocks = pack_texts(train_docs, tokenizer, cfg.block_size)
+    eval_blocks = pack_texts(eval_docs, tokenizer, cfg.block_size) if eval_docs else None
+    log.info("SFT data: %d train blocks, %d eval blocks of %d tokens", len(train_blocks),
+             0 if eval_blocks is None else len(eval_blocks), cfg.block_size)
+
+    model = sft_model(cfg, tokenizer).to(device)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    log.info("model: %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
+    sink = JsonlSink(run_dir / "metrics.jsonl")
+    try:
+        summary = SFTTrainer(cfg, model, train_blocks, eval_blocks, sink, device).train()
+    finally:
+        sink.close()
+    save_checkpoint(run_dir / "final", model, tokenizer)
+    summary["train/blocks"] = float(len(train_blocks))
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def raw_documents(source: str, text_field: str) -> list:
+    """Plain-text documents, or chat conversations (lists of messages) to render later."""
+    if Path(source).suffix.lower() == ".txt":
+        return load_texts(source, text_field)
+    records = load_records(source)
+    if all("messages" in r for r in records):
+        return [r["messages"] for r in records]
+    return load_texts(source, text_field)
+
+
+def render_documents(raw: list, tokenizer) -> list[str]:
+    """Chat conversations become text through the tokenizer's chat template."""
+    if not raw or isinstance(raw[0], str):
+        return raw
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError("the SFT data is in chat (messages) form but the tokenizer has no chat template; "
+                        "use plain text, or a tokenizer with a chat template")
+    return [tokenizer.apply_chat_template(messages, tokenize=False) for messages in raw]
+
+
+def sft_tokenizer(cfg: SFTConfig, raw: list):
+    if cfg.tokenizer or cfg.init == "pretrained":
+        return load_tokenizer(cfg.tokenizer or cfg.model)
+    texts = [t if isinstance(t, str) else " ".join(m["content"] for m in t) for t in raw]
+    tokenizer = train_tokenizer(texts, vocab_size=cfg.vocab_size)
+    log.info("trained a byte-level BPE tokenizer with %d tokens on the training text", len(tokenizer))
+    return tokenizer
+
+
+def split_documents(cfg: SFTConfig, docs: list[str]) -> tuple[list[str], list[str]]:
+    """Held-out documents: eval_data, or a seeded eval_fraction of the documents."""
+    if cfg.eval_data:
+        return docs, raw_documents(cfg.eval_data, cfg.text_field)
+    order = list(range(len(docs)))
+    random.Random(cfg.seed).shuffle(order)
+    n_eval = int(len(docs) * cfg.eval_fraction)
+    if cfg.eval_fraction > 0 and n_eval == 0 and len(docs) > 1:
+        n_eval = 1
+    held = set(order[:n_eval])
+    return [d for i, d in enumerate(docs) if i not in held], [d for i, d in enumerate(docs) if i in held]
+
+
+def sft_model(cfg: SFTConfig, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    if cfg.init == "scratch":
+        config = tiny_config(cfg.arch, tokenizer, hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads,
+                             max_positions=max(cfg.block_size, 512))
+        return AutoModelForCausalLM.from_config(config).to(torch_dtype(cfg.dtype))
+    model = load_causal_lm(cfg.model, torch_dtype(cfg.dtype))
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    return model

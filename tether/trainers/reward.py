@@ -1,0 +1,397 @@
+"""Reward-model trainer: Bradley-Terry loss on preference pairs (Ouyang et al. 2022 eq. 1).
+
+One optimizer step, top to bottom:
+  1. batch      the next ``batch_size`` pairs of a seeded shuffled stream over the epochs
+  2. forward    chosen and rejected sequences in one padded forward pass per micro-batch;
+                the score is read at the last real token (N-details item 5)
+  3. loss       ``-log σ(r_c - r_r)`` summed and divided by the pairs in the *whole* batch,
+                so ``gradient_accumulation_steps`` micro-batches give exactly one batch's gradient
+  4. step       a non-finite loss or gradient norm raises before anything reaches the weights;
+                clip, AdamW, learning-rate schedule
+  5. evaluate   every ``eval_every`` steps and at the end: held-out loss, accuracy, margin
+
+Model helpers for the reward model live here too: a grad-enabled scorer, the head init of
+N-details item 6, and the gain/bias that makes a policy's responses score mean 0, std 1
+(Ziegler et al. 2019 §2.2; N-details item 7).
+
+Metrics (one JSON row per optimizer step in ``metrics.jsonl``, key ``update`` = step):
+
+- ``train/loss``      Bradley-Terry loss of this step's batch, before the step (nats per pair).
+                      Starts near log 2 ≈ 0.693 (a fresh head scores near 0); falls.
+- ``train/accuracy``  share of the batch's pairs with ``r_chosen > r_rejected`` strictly (ties are wrong).
+- ``train/margin``    mean ``r_chosen - r_rejected`` over the batch. Grows; unbounded growth with flat
+                      eval accuracy is over-fitting.
+- ``train/grad_norm`` global gradient norm before clipping.
+- ``train/lr``        learning rate used for this step.
+- ``train/epoch``     passes over the training pairs completed (fractional).
+- ``eval/loss``, ``eval/accuracy``, ``eval/margin``: the same on the held-out pairs, on rows where an
+                      evaluation ran (every ``eval_every`` steps and the last step). Human preference data
+                      typically tops out at 0.65–0.75 accuracy; near 1.0 means the task is easy or leaked.
+- ``eval/score_mean``, ``eval/score_std``: mean and (biased) std of all held-out scores (chosen and rejected).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from tether.algo import pairwise_loss
+from tether.config import RewardConfig
+from tether.data import PromptSampler, left_pad
+from tether.models import eos_token_ids, last_hidden_state, last_real_index
+from tether.rollout import GenerationSettings, sample_responses
+from tether.tracking import MetricSink
+from tether.trainers.ppo import NonFiniteError, lr_lambda
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "PreferencePairs",
+    "RewardTrainer",
+    "reward_model_forward",
+    "score_head",
+    "init_score_head",
+    "right_pad",
+    "sample_policy_sequences",
+    "score_sequences",
+    "normalize_reward_head",
+]
+
+
+@dataclass
+class PreferencePairs:
+    """Tokenised preference pairs: prompt + response (+ EOS), at most ``max_length`` ids each."""
+
+    chosen: list[list[int]]    # N sequences of token ids: prompt + preferred response + EOS
+    rejected: list[list[int]]  # N sequences of token ids: prompt + dispreferred response + EOS
+    prompt_keys: list[str] = field(default_factory=list)  # N: prompt identity, to split by prompt
+
+    def __post_init__(self) -> None:
+        if len(self.chosen) != len(self.rejected):
+            raise ValueError(f"{len(self.chosen)} chosen but {len(self.rejected)} rejected sequences")
+        if self.prompt_keys and len(self.prompt_keys) != len(self.chosen):
+            raise ValueError(f"{len(self.prompt_keys)} prompt keys for {len(self.chosen)} pairs")
+
+    def __len__(self) -> int:
+        return len(self.chosen)
+
+    def select(self, indices: Sequence[int]) -> "PreferencePairs":
+        return PreferencePairs([self.chosen[i] for i in indices], [self.rejected[i] for i in indices],
+                               [self.prompt_keys[i] for i in indices] if self.prompt_keys else [])
+
+
+# --- model helpers --------------------------------------------------------------------
+
+
+def score_head(model: nn.Module) -> Optional[nn.Linear]:
+    """The scalar head of a decoder AutoModelForSequenceClassification (``model.score``), if any."""
+    head = getattr(model, "score", None)
+    return head if isinstance(head, nn.Linear) else None
+
+
+def reward_model_forward(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """(B,) float32 scores with grad, read at the last real token whatever the padding side.
+
+    The grad-enabled twin of ``tether.models.reward_model_scores`` (same pooling, same position
+    ids), so the model is trained exactly as PPO will read it (N-details item 5).
+    """
+    head = score_head(model)
+    if head is None:  # non-decoder architectures pool on their own
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+    hidden = last_hidden_state(model.base_model, input_ids, attention_mask)  # (B, L, H)
+    last = last_real_index(attention_mask)  # (B,)
+    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
+    return head(pooled.to(head.weight.dtype)).squeeze(-1).float()
+
+
+def init_score_head(head: nn.Linear, generator: Optional[torch.Generator] = None) -> None:
+    """Weights ~ N(0, 1/sqrt(d_model + 1)), bias 0 (N-details item 6; lm-human-preferences).
+
+    With unit-scale features the initial scores then have std about 1, so the first
+    Bradley-Terry gradients are neither vanishing nor saturated.
+    """
+    d_model = head.weight.shape[1]
+    with torch.no_grad():
+        head.weight.normal_(0.0, 1.0 / math.sqrt(d_model + 1), generator=generator)
+        if head.bias is not None:
+            head.bias.zero_()
+
+
+def right_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """(B, L) long input_ids right-padded with ``pad_id`` and (B, L) long attention_mask.
+
+    Right padding for training: no row ever has a query position that sees no real token,
+    and under the causal mask real tokens never see the pads after them.
+    """
+    if len(sequences) == 0:
+        raise ValueError("right_pad needs at least one sequence")
+    longest = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)  # (B, L)
+    attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long)  # (B, L)
+    for row, seq in enumerate(sequences):
+        input_ids[row, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
+        attention_mask[row, : len(seq)] = 1
+    return input_ids, attention_mask
+
+
+# --- the trainer ----------------------------------------------------------------------
+
+
+class RewardTrainer:
+    """Handed its model, tokenised pairs, config and metric sink; owns the optimizer and data order."""
+
+    def __init__(self, cfg: RewardConfig, model: nn.Module, pad_id: int, train_pairs: PreferencePairs,
+                 eval_pairs: Optional[PreferencePairs] = None, sink: Optional[MetricSink] = None,
+                 device: torch.device = torch.device("cpu")):
+        if len(train_pairs) == 0:
+            raise ValueError("RewardTrainer needs at least one training pair")
+        self.cfg, self.model, self.pad_id, self.device = cfg, model, pad_id, device
+        self.train_pairs, self.eval_pairs, self.sink = train_pairs, eval_pairs, sink
+        # Enough full batches to cover `epochs` passes; the last pass may be partial.
+        self.total_steps = max(1, math.ceil(cfg.epochs * len(train_pairs) / cfg.batch_size))
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(cfg.lr_schedule, cfg.warmup_steps, self.total_steps))
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self._order: list[int] = []  # rest of the current epoch's permutation
+        self.pairs_seen = 0
+        self.step = 0
+
+    # --- the run -------------------------------------------------------------------
+
+    def train(self) -> dict[str, float]:
+        """All optimizer steps with a progress bar; returns the last step's metrics (with the final eval)."""
+        from tqdm.auto import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="reward", unit="step",
+                   disable=not self.cfg.progress, dynamic_ncols=True)
+        metrics: dict[str, float] = {}
+        start = time.perf_counter()
+        try:
+            with logging_redirect_tqdm():
+                while self.step < self.total_steps:
+                    metrics = self.train_step()
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", acc=f"{metrics['train/accuracy']:.2f}",
+                                    **({"eval_acc": f"{metrics['eval/accuracy']:.3f}"}
+                                       if "eval/accuracy" in metrics else {}))
+        finally:
+            bar.close()
+        metrics["time/train_s"] = time.perf_counter() - start
+        return metrics
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step, its metrics logged (with an evaluation when due)."""
+        cfg = self.cfg
+        # 1. The next batch of a seeded shuffled stream: every pair once per epoch.
+        indices = self.next_indices(cfg.batch_size)
+        lr = self.scheduler.get_last_lr()[0]
+        # 2-4. Forward, loss, backward, clip and step.
+        metrics = self.optimizer_step(indices)
+        self.step += 1
+        self.pairs_seen += len(indices)
+        metrics.update({"train/lr": lr, "train/epoch": self.pairs_seen / len(self.train_pairs)})
+        # 5. Evaluate every eval_every steps and after the last one.
+        if self.eval_pairs is not None and len(self.eval_pairs) and (
+                self.step % cfg.eval_every == 0 or self.step == self.total_steps):
+            metrics.update(self.evaluate(self.eval_pairs))
+        if self.sink is not None:
+            self.sink.log(metrics, self.step)
+        return metrics
+
+    def next_indices(self, count: int) -> list[int]:
+        """``count`` pair indices; a batch crossing an epoch boundary continues into a fresh permutation."""
+        indices: list[int] = []
+        while len(indices) < count:
+            if not self._order:
+                self._order = torch.randperm(len(self.train_pairs), generator=self.generator).tolist()
+            take = min(count - len(indices), len(self._order))
+            indices += self._order[:take]
+            self._order = self._order[take:]
+        return indices
+
+    # --- optimisation --------------------------------------------------------------
+
+    def optimizer_step(self, indices: Sequence[int]) -> dict[str, float]:
+        """Accumulate the batch's gradient over micro-batches, then clip and step."""
+        stats = self.accumulate_gradients(indices)
+        stats["train/grad_norm"] = self._clip_and_step()
+        return stats
+
+    def accumulate_gradients(self, indices: Sequence[int]) -> dict[str, float]:
+        """Backward of the batch's loss, micro-batch by micro-batch; returns the batch's stats.
+
+        Each micro-batch's summed loss is divided by the pairs in the whole batch, so the
+        accumulated gradient equals the gradient of one pass over the batch (DESIGN.md §5).
+        """
+        self.model.train()
+        batch_pairs = len(indices)
+        totals = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0}
+        for start in range(0, batch_pairs, self.cfg.micro_batch_size):
+            micro = self.train_pairs.select(indices[start : start + self.cfg.micro_batch_size])
+            chosen, rejected = self.pair_scores(micro)
+            loss, stats = pairwise_loss(chosen, rejected, num_pairs=batch_pairs)  # Ouyang et al. 2022 eq. 1
+            if not torch.isfinite(loss):
+                self.optimizer.zero_grad(set_to_none=True)
+                raise NonFiniteError(
+                    f"non-finite reward-model loss ({loss.item()}) at step {self.step + 1}; nothing was applied to "
+                    "the weights. Lower learning_rate, or check the data and the model for NaN/inf.")
+            loss.backward()
+            for key in totals:  # stats are means over the micro-batch: weight by its share of pairs
+                totals[key] += stats[key].item() * len(micro) / batch_pairs
+        return {f"train/{k}": v for k, v in totals.items()}
+
+    def pair_scores(self, pairs: PreferencePairs) -> tuple[Tensor, Tensor]:
+        """(N,) chosen and (N,) rejected scores from one padded forward pass over both."""
+        input_ids, attention_mask = right_pad(pairs.chosen + pairs.rejected, self.pad_id)  # (2N, L)
+        scores = reward_model_forward(self.model, input_ids.to(self.device), attention_mask.to(self.device))
+        return scores[: len(pairs)], scores[len(pairs):]
+
+    def _clip_and_step(self) -> float:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm is not None else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item() if params else 0.0
+        if not math.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteError(f"non-finite reward-model gradient norm at step {self.step + 1}; the step was not "
+                                 "applied. Lower learning_rate, or check the data for extreme inputs.")
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    # --- evaluation ----------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, pairs: PreferencePairs) -> dict[str, float]:
+        """Held-out Bradley-Terry loss, accuracy (ties are wrong), margin and score statistics."""
+        chosen, rejected = self.score_pairs(pairs)
+        _, stats = pairwise_loss(chosen, rejected)
+        scores = torch.cat([chosen, rejected])
+        return {"eval/loss": stats["loss"].item(), "eval/accuracy": stats["accuracy"].item(),
+                "eval/margin": stats["margin"].item(), "eval/score_mean": scores.mean().item(),
+                "eval/score_std": scores.std(unbiased=False).item()}
+
+    @torch.no_grad()
+    def score_pairs(self, pairs: PreferencePairs) -> tuple[Tensor, Tensor]:
+        """(N,) chosen and (N,) rejected scores on CPU, in micro-batches, model in eval mode."""
+        was_training = self.model.training
+        self.model.eval()
+        chosen, rejected = [], []
+        for start in range(0, len(pairs), self.cfg.micro_batch_size):
+            c, r = self.pair_scores(pairs.select(range(start, min(start + self.cfg.micro_batch_size, len(pairs)))))
+            chosen.append(c.cpu())
+            rejected.append(r.cpu())
+        self.model.train(was_training)
+        return torch.cat(chosen), torch.cat(rejected)
+
+
+# --- score normalisation (Ziegler et al. 2019 §2.2; N-details item 7) ------------------
+
+
+@torch.no_grad()
+def sample_policy_sequences(policy: nn.Module, tokenizer, prompts: list[list[int]], num_samples: int,
+                            max_new_tokens: int, seed: int, chunk_size: int = 32,
+                            device: torch.device = torch.device("cpu")) -> tuple[Tensor, Tensor]:
+    """``num_samples`` prompt + response sequences sampled at temperature 1, as PPO's rollout lays them out.
+
+    Prompts are visited in seeded shuffled epochs (every prompt once before any repeats). Returns
+    input_ids (N, P+R) — prompt left-padded, response right-padded, R = max_new_tokens — and the
+    (N, P+R) attention mask. The same ``seed`` gives the same samples.
+    """
+    order = PromptSampler(len(prompts), seed=seed).next_batch(num_samples)
+    prompt_ids, prompt_mask = left_pad([prompts[i] for i in order], tokenizer.pad_token_id)  # (N, P)
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, eos_ids=eos_token_ids(tokenizer, policy),
+                                  pad_id=tokenizer.pad_token_id, temperature=1.0)
+    policy.eval()
+    torch.manual_seed(seed)
+    ids, masks = [], []
+    for start in range(0, num_samples, chunk_size):
+        p_ids = prompt_ids[start : start + chunk_size].to(device)
+        p_mask = prompt_mask[start : start + chunk_size].to(device)
+        response, response_mask, _ = sample_responses(policy, p_ids, p_mask, settings, tokenizer)
+        pad = max_new_tokens - response.shape[1]  # generation stops early when every row has ended
+        response = nn.functional.pad(response, (0, pad), value=tokenizer.pad_token_id)
+        response_mask = nn.functional.pad(response_mask.long(), (0, pad), value=0)
+        ids.append(torch.cat([p_ids, response], dim=1).cpu())
+        masks.append(torch.cat([p_mask.long(), response_mask], dim=1).cpu())
+    return torch.cat(ids), torch.cat(masks)
+
+
+@torch.no_grad()
+def score_sequences(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, chunk_size: int = 32,
+                    device: torch.device = torch.device("cpu")) -> Tensor:
+    """(N,) float32 scores on CPU, in chunks, model in eval mode."""
+    model.eval()
+    chunks = [
+        reward_model_forward(model, input_ids[i : i + chunk_size].to(device),
+                             attention_mask[i : i + chunk_size].to(device)).cpu()
+        for i in range(0, input_ids.shape[0], chunk_size)
+    ]
+    return torch.cat(chunks)
+
+
+def normalize_reward_head(model: nn.Module, mean: float, std: float) -> str:
+    """Rescale the scores to ``(s - mean) / std``: ``w ← w/std``, ``b ← (b - mean)/std``.
+
+    Decoder heads in transformers have no bias (``nn.Linear(..., bias=False)``), and a bias added
+    to them would be dropped by ``from_pretrained``. The shift then goes into the bias of the final
+    norm, whose output feeds only the head: adding ``c·w/|w|²`` there adds exactly ``c`` to every
+    score. Returns where the shift went ("head bias" or the norm's module name).
+    """
+    head = score_head(model)
+    if head is None or head.weight.shape[0] != 1:
+        raise ValueError("score normalisation needs a decoder reward model with a one-output `score` head")
+    if not math.isfinite(std) or std <= 0 or not math.isfinite(mean):
+        raise ValueError(f"cannot normalise scores with mean {mean} and std {std}: the policy's responses must "
+                         "score differently (raise normalize_samples or normalize_max_new_tokens)")
+    shift = -mean / std
+    with torch.no_grad():
+        head.weight.div_(std)
+        if head.bias is not None:
+            head.bias.sub_(mean).div_(std)
+            return "head bias"
+        name, norm = final_norm(model)
+        weight = head.weight[0].to(norm.bias.dtype)  # (H,)
+        norm.bias.add_(shift * weight / weight.dot(weight))
+    return name
+
+
+def final_norm(model: nn.Module) -> tuple[str, nn.Module]:
+    """The norm module (with a bias) whose output is the backbone's last_hidden_state.
+
+    Found by watching one forward pass rather than by name, so it works for ``ln_f`` (GPT-2),
+    ``final_layer_norm`` (OPT, GPT-NeoX) and friends alike.
+    """
+    base = model.base_model
+    candidates = {name: module for name, module in base.named_modules()
+                  if "norm" in type(module).__name__.lower()
+                  and isinstance(getattr(module, "bias", None), nn.Parameter)}
+    outputs: dict[str, Tensor] = {}
+    hooks = [module.register_forward_hook(lambda _m, _i, out, name=name: outputs.__setitem__(name, out))
+             for name, module in candidates.items()]
+    try:
+        device = next(model.parameters()).device
+        ids = torch.zeros((1, 2), dtype=torch.long, device=device)
+        with torch.no_grad():
+            hidden = last_hidden_state(base, ids, torch.ones_like(ids))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for name, out in outputs.items():
+        if isinstance(out, Tensor) and out.shape == hidden.shape and torch.equal(out, hidden):
+            return name, candidates[name]
+    raise ValueError(
+        f"cannot normalise the scores of {type(model).__name__}: its score head has no bias and its final norm "
+        "has none either (e.g. RMSNorm), so a constant shift cannot be stored in weights that "
+        "AutoModelForSequenceClassification loads. Unset normalize_policy, or apply the shift at PPO time "
+        "(e.g. normalize_scores=true)."
+    )

@@ -1,0 +1,112 @@
+"""Supervised fine-tuning / pretraining: the causal LM loss on packed blocks of text.
+
+The same `lm_loss` is PPO-ptx's pretraining term, so what SFT optimises is exactly what
+PPO-ptx later protects.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from tether.algo import lm_loss
+from tether.config import SFTConfig
+from tether.data import BlockSampler
+from tether.models import position_ids_from_mask
+from tether.tracking import JsonlSink
+from tether.trainers.ppo import NonFiniteError, lr_lambda
+
+
+def block_loss(model: nn.Module, blocks: Tensor, num_tokens: Optional[float] = None):
+    """LM loss of full blocks (every token real): logits[t] predicts blocks[t+1]."""
+    mask = torch.ones_like(blocks)
+    logits = model(input_ids=blocks, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                   use_cache=False).logits
+    return lm_loss(logits, blocks, mask, num_tokens=num_tokens)
+
+
+@torch.no_grad()
+def evaluate_lm(model: nn.Module, blocks: Tensor, batch_size: int = 32) -> dict[str, float]:
+    """Held-out loss (nats/token) and perplexity over every eval block."""
+    model.eval()
+    total, tokens = 0.0, 0
+    for start in range(0, blocks.shape[0], batch_size):
+        chunk = blocks[start : start + batch_size]
+        loss, stats = block_loss(model, chunk)
+        n = int(stats["tokens"].item())
+        total, tokens = total + loss.item() * n, tokens + n
+    model.train()
+    mean = total / max(tokens, 1)
+    return {"eval/loss": mean, "eval/perplexity": math.exp(min(mean, 50.0))}
+
+
+class SFTTrainer:
+    """Handed a model and packed blocks; owns the optimizer, schedule and step counter."""
+
+    def __init__(self, cfg: SFTConfig, model: nn.Module, train_blocks: Tensor, eval_blocks: Optional[Tensor],
+                 sink: Optional[JsonlSink] = None, device: torch.device = torch.device("cpu")):
+        self.cfg, self.model, self.eval_blocks, self.sink, self.device = cfg, model, eval_blocks, sink, device
+        self.sampler = BlockSampler(train_blocks, seed=cfg.seed)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, eps=cfg.adam_eps,
+                                           weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(cfg.lr_schedule, cfg.warmup_steps, cfg.max_steps))
+        self.step_count = 0
+
+    def train(self) -> dict[str, float]:
+        """Train until max_steps or max_seconds; evaluate every eval_every steps and at the end."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        start = time.perf_counter()
+        self.model.train()
+        metrics: dict[str, float] = {}
+        with tqdm(total=cfg.max_steps, desc="sft", unit="step", disable=not cfg.progress, dynamic_ncols=True) as bar:
+            while self.step_count < cfg.max_steps:
+                if cfg.max_seconds is not None and time.perf_counter() - start > cfg.max_seconds:
+                    break
+                metrics = self.step()
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
+                if self.step_count % cfg.eval_every == 0:
+                    metrics.update(self.evaluate())
+                    bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", eval=f"{metrics['eval/loss']:.3f}")
+                self.log(metrics)
+        final = {**metrics, **self.evaluate(), "train/steps": float(self.step_count),
+                 "time/train_s": time.perf_counter() - start}
+        self.log(final)
+        return final
+
+    def step(self) -> dict[str, float]:
+        cfg = self.cfg
+        blocks = self.sampler.next_batch(cfg.batch_size).to(self.device)
+        num_tokens = blocks.shape[0] * (blocks.shape[1] - 1)  # token-level normalisation: exact accumulation
+        total = 0.0
+        for micro in blocks.split(cfg.micro_batch_size):
+            loss, _ = block_loss(self.model, micro, num_tokens=num_tokens)
+            if not torch.isfinite(loss):
+                self.optimizer.zero_grad(set_to_none=True)
+                raise NonFiniteError(f"non-finite SFT loss at step {self.step_count}; lower learning_rate")
+            loss.backward()
+            total += loss.item()
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_count += 1
+        return {"train/loss": total, "train/grad_norm": norm, "train/lr": self.scheduler.get_last_lr()[0]}
+
+    def evaluate(self) -> dict[str, float]:
+        if self.eval_blocks is None or len(self.eval_blocks) == 0:
+            return {}
+        return evaluate_lm(self.model, self.eval_blocks.to(self.device), self.cfg.micro_batch_size)
+
+    def log(self, metrics: dict[str, float]) -> None:
+        if self.sink is not None:
+            self.sink.log(metrics, self.step_count)
