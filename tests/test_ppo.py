@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import REWARDS, base_overrides
 from tether.config import PPOConfig, config_from_dict
-from tether.metrics import PPO_METRIC_NAMES
+from tether.metrics import ALWAYS_LOGGED, PPO_METRIC_NAMES
 from tether.pipelines.ppo import build_ppo_trainer, run_ppo
 from tether.rewards import RewardError
 
@@ -102,8 +102,28 @@ def test_large_kl_coefficient_keeps_policy_at_reference(weak_kl_rows, tiny_dirs,
 def test_every_documented_metric_is_logged_and_only_those(tiny_dirs, tmp_path):
     trainer = make_trainer(tiny_dirs, tmp_path)
     metrics = trainer.step()
-    assert set(metrics) == set(PPO_METRIC_NAMES)
+    assert set(metrics) == set(ALWAYS_LOGGED)
     assert all(isinstance(v, float) for v in metrics.values())
+
+
+def test_gold_scorer_and_held_out_evaluation(tiny_dirs, tmp_path):
+    """The gold scorer sees the same samples as the proxy; eval runs at update 0, every eval_every and the end."""
+    run = make_trainer(tiny_dirs, tmp_path, gold_reward_fn=f"{REWARDS}:text_length", eval_prompts=str(tiny_dirs["prompts"]),
+                       eval_every=2, eval_max_prompts=6, total_updates=3, num_samples=2)
+    run.train()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["update"] for r in rows] == [0, 1, 2, 3]
+    assert set(rows[0]) == {"update", "eval/score", "eval/gold", "eval/kl", "eval/length", "eval/distinct_2"}
+    assert set(rows[1]) == set(ALWAYS_LOGGED) | {"update", "gold/score"}
+    assert set(rows[2]) == set(PPO_METRIC_NAMES) | {"update"}
+    assert rows[0]["eval/kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference before training
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    evals = [s for s in samples if s["split"] == "eval"]
+    assert sorted({s["update"] for s in evals}) == [0, 2, 3]
+    first = [s["prompt"] for s in evals if s["update"] == 0]
+    assert len(first) == 6 and first == [s["prompt"] for s in evals if s["update"] == 3]
+    for s in samples:  # gold is the gold function of the very response shown
+        assert s["gold"] == pytest.approx(len(s["response"]) / 10)
 
 
 def test_ptx_loss_is_added_and_falls(tiny_dirs, tmp_path):

@@ -47,9 +47,9 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from tether.pipelines.tiny_demo import run_tiny_demo
+    from tether.pipelines.demo import run_demo
 
-    run_tiny_demo(args.output_dir, fresh=args.fresh)
+    run_demo(args.output_dir, fresh=args.fresh)
     return 0
 
 
@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="Rebuild report.html and plots from a PPO run directory.")
     report.add_argument("run_dir", help="A run directory with metrics.jsonl and samples.jsonl.")
     report.set_defaults(run=_report)
-    demo = sub.add_parser("demo", help="A small offline PPO run on CPU that shows the score rising.")
+    demo = sub.add_parser("demo", help="The whole pipeline offline on CPU: SFT -> reward model -> PPO, with a "
+                          "gold scorer and an HTML report.")
     demo.add_argument("--output-dir", default="runs/demo", help="Where the demo writes its run (default runs/demo).")
     demo.add_argument("--fresh", action="store_true", help="Recompute every stage instead of reusing cached ones.")
     demo.set_defaults(run=_demo)

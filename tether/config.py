@@ -38,6 +38,7 @@ class PPOConfig:
     reward_model: Optional[str] = opt(None, "Reward model path (AutoModelForSequenceClassification, 1 label).")
     reward_fn: Optional[str] = opt(None, "Reward function 'module:function' taking list[str] responses, returning list[float].")
     reward_tokenizer: Optional[str] = opt(None, "Tokenizer of the reward model when it differs from the policy's; default: the reward model's own.")
+    gold_reward_fn: Optional[str] = opt(None, "A second scorer 'module:function', never optimised, evaluated on the same samples (gold/score): shows reward-model over-optimisation.")
     tokenizer: Optional[str] = opt(None, "Policy tokenizer path; default: the policy path.")
     dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "Weights dtype of all models.")
     device: str = opt("auto", "Device: 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
@@ -49,6 +50,9 @@ class PPOConfig:
     prompt_split: str = opt("train", "Split to read when `prompts` is a dataset with splits.")
     max_prompt_length: int = opt(128, "Prompts longer than this (in tokens) are truncated or rejected.")
     overlong_prompts: Literal["truncate", "error"] = opt("truncate", "'truncate' keeps the last max_prompt_length tokens; 'error' rejects the dataset.")
+    eval_prompts: Optional[str] = opt(None, "Held-out prompts (same formats as prompts) scored at update 0, every eval_every updates and at the end.")
+    eval_every: int = opt(10, "Evaluate on eval_prompts every N updates.")
+    eval_max_prompts: int = opt(128, "Use at most this many eval prompts (the first ones).")
 
     # --- generation ---------------------------------------------------------
     max_new_tokens: int = opt(32, "Maximum response length in tokens.")
@@ -138,6 +142,9 @@ class PPOConfig:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.gold_reward_fn is not None and ":" not in self.gold_reward_fn:
+            raise ConfigError(f"gold_reward_fn must look like 'package.module:function', got {self.gold_reward_fn!r}")
+        _positive(self, "eval_every", "eval_max_prompts")
         _non_negative(self, "top_k", "warmup_steps", "save_every", "sample_every", "num_samples",
                       "rollout_batch_size", "kl_coef", "vf_coef", "entropy_coef", "num_threads")
         for key in ("clip_eps", "learning_rate", "kl_target", "kl_horizon"):

@@ -14,6 +14,7 @@ class Metric:
     name: str
     meaning: str
     healthy: str
+    only_with: str = ""  # the option that turns this metric on; "" = always logged
 
 
 PPO_METRICS: tuple[Metric, ...] = (
@@ -74,9 +75,22 @@ PPO_METRICS: tuple[Metric, ...] = (
     Metric("time/rollout_s", "Seconds spent sampling and scoring.", "Stable."),
     Metric("time/train_s", "Seconds spent in PPO epochs.", "Stable."),
     Metric("time/update_s", "Seconds for the whole update.", "Stable."),
+    Metric("gold/score", "Mean score of the same rollout responses under the gold scorer, which PPO never "
+           "optimises directly.", "Rises with `reward/score`. Proxy rising while gold falls is reward-model "
+           "over-optimisation (Gao et al. 2022): stop earlier or raise `kl_coef`.", "gold_reward_fn"),
+    Metric("eval/score", "Mean proxy score on the fixed held-out prompts (logged at update 0, every "
+           "`eval_every` updates and at the end).", "Rises.", "eval_prompts"),
+    Metric("eval/gold", "Mean gold score on the fixed held-out prompts.", "Rises; the honest measure of progress.",
+           "eval_prompts + gold_reward_fn"),
+    Metric("eval/kl", "Mean summed KL (k1) to the reference per held-out response.",
+           "Grows slowly; the x axis of the over-optimisation plot.", "eval_prompts"),
+    Metric("eval/distinct_2", "Distinct-2 of the held-out responses.", "Close to its update-0 value.",
+           "eval_prompts"),
+    Metric("eval/length", "Mean held-out response length in tokens.", "Stable.", "eval_prompts"),
 )
 
 PPO_METRIC_NAMES: frozenset[str] = frozenset(m.name for m in PPO_METRICS)
+ALWAYS_LOGGED: frozenset[str] = frozenset(m.name for m in PPO_METRICS if not m.only_with)
 
 
 def render_markdown() -> str:
@@ -87,11 +101,12 @@ def render_markdown() -> str:
         "`update` and the metrics below) and in any TensorBoard / Weights & Biases sink.",
         "This file is generated from `tether/metrics.py`.",
         "",
-        "| metric | what it means | what healthy looks like |",
-        "| --- | --- | --- |",
+        "| metric | what it means | what healthy looks like | logged when |",
+        "| --- | --- | --- | --- |",
     ]
     for m in PPO_METRICS:
-        lines.append(f"| `{m.name}` | {m.meaning} | {m.healthy} |")
+        when = f"`{m.only_with}` is set" if m.only_with else "always"
+        lines.append(f"| `{m.name}` | {m.meaning} | {m.healthy} | {when} |")
     return "\n".join(lines) + "\n"
 
 

@@ -92,21 +92,21 @@ def dialogues() -> list[str]:
 
 @dataclass
 class DemoCorpus:
-    train_texts: list[str]   # SFT documents
-    prompt_sentences: list[str]  # held-out news/review sentences: the prompts come from these
+    train_texts: list[str]       # SFT documents
+    train_sentences: list[str]   # news/review sentences inside the SFT text: RM and PPO prompts
+    eval_sentences: list[str]    # held-out news/review sentences, never trained on: the judged prompts
 
 
-def build_corpus(seed: int = 0, held_out_fraction: float = 0.3) -> DemoCorpus:
-    """Split news and review sentences into SFT text and held-out prompt sentences."""
+def build_corpus(seed: int = 0, eval_sentences: int = 256) -> DemoCorpus:
+    """Hold out some news and review sentences from everything; the rest joins the SFT text."""
     rng = random.Random(seed)
     sentences = [s for article in news_articles() for s in _SENTENCE_END.split(article)] + review_sentences()
     sentences = [s.strip() for s in sentences if 5 <= len(s.split()) <= 60]
     rng.shuffle(sentences)
-    cut = int(len(sentences) * held_out_fraction)
-    held_out, seen = sentences[:cut], sentences[cut:]
+    held_out, seen = sentences[:eval_sentences], sentences[eval_sentences:]
     train = wikipedia_paragraphs() + seen + dialogues()
     rng.shuffle(train)
-    return DemoCorpus(train_texts=train, prompt_sentences=held_out)
+    return DemoCorpus(train_texts=train, train_sentences=seen, eval_sentences=held_out)
 
 
 def prompt_openings(sentences: list[str], words: int = 3) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -60,19 +61,22 @@ def build_ppo_trainer(cfg: PPOConfig) -> PPOTrainer:
                  else frozen_copy(policy))
     reward = reward_fn or load_model_reward(cfg, tokenizer, dtype, device)
     critic = load_critic(cfg, tokenizer, dtype, device)
+    gold = load_reward_fn(cfg.gold_reward_fn) if cfg.gold_reward_fn else None
+    eval_prompts = load_prompts(cfg, tokenizer, cfg.eval_prompts)[: cfg.eval_max_prompts] if cfg.eval_prompts else None
     tracker = make_tracker(run_dir, cfg.log_with, cfg.wandb_project, config_to_dict(cfg))
     return PPOTrainer(cfg, policy, reference, critic, reward, tokenizer, prompts, tracker=tracker,
-                      ptx_blocks=ptx_blocks, run_dir=run_dir, device=device)
+                      ptx_blocks=ptx_blocks, run_dir=run_dir, device=device, gold=gold, eval_prompts=eval_prompts)
 
 
-def load_prompts(cfg: PPOConfig, tokenizer) -> list[list[int]]:
-    records = load_records(cfg.prompts, cfg.prompt_split)
+def load_prompts(cfg: PPOConfig, tokenizer, source: Optional[str] = None) -> list[list[int]]:
+    source = source or cfg.prompts
+    records = load_records(source, cfg.prompt_split)
     prompts, stats = tokenize_prompts(records, tokenizer, cfg.prompt_field, cfg.max_prompt_length,
-                                      cfg.overlong_prompts, source=cfg.prompts)
+                                      cfg.overlong_prompts, source=source)
     if stats.truncated:
         log.warning("%d of %d prompts were longer than max_prompt_length=%d and were truncated on the left",
                     stats.truncated, stats.total, cfg.max_prompt_length)
-    log.info("loaded %d prompts from %s", len(prompts), cfg.prompts)
+    log.info("loaded %d prompts from %s", len(prompts), source)
     return prompts
 
 

