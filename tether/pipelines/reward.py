@@ -110,7 +110,7 @@ def run_reward(cfg: RewardConfig) -> dict[str, float]:
     save_reward_model(run_dir / "final", model, tokenizer)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     log.info("reward model saved to %s; %s", run_dir / "final",
-             ", ".join(f"{k} {v:.4f}" for k, v in summary.items() if k.startswith("eval/")))
+             ", ".join(f"{k} {summary[k]:.4f}" for k in ("eval/loss", "eval/accuracy") if k in summary))
     return summary
 
 
