@@ -48,7 +48,7 @@ class DemoSettings:
 
     sft: dict = field(default_factory=lambda: dict(
         init="scratch", vocab_size=4096, hidden=192, layers=4, heads=4, block_size=128, batch_size=16,
-        max_steps=260, max_seconds=240, learning_rate=2e-3, warmup_steps=20, eval_every=100, eval_fraction=0.03))
+        max_steps=300, max_seconds=210, learning_rate=2e-3, warmup_steps=20, eval_every=100, eval_fraction=0.03))
     prompt_words: int = 3
     pref_prompts: int = 768
     pref_samples: int = 4          # responses per prompt; pairs are formed within a prompt
@@ -58,8 +58,8 @@ class DemoSettings:
         batch_size=32, epochs=2.0, learning_rate=3e-4, max_length=64, eval_fraction=0.15, eval_every=50,
         normalize_samples=256, normalize_max_new_tokens=20))
     ppo: dict = field(default_factory=lambda: dict(
-        total_updates=60, batch_size=64, num_minibatches=2, ppo_epochs=2, max_new_tokens=20,
-        learning_rate=3e-4, critic_learning_rate=1e-3, kl_coef=0.05, temperature=1.0, eval_every=10,
+        total_updates=50, batch_size=64, num_minibatches=2, ppo_epochs=4, max_new_tokens=20,
+        learning_rate=5e-4, critic_learning_rate=1e-3, kl_coef=0.3, temperature=1.0, eval_every=10,
         eval_max_prompts=256, sample_every=10, num_samples=8, missing_eos_penalty=None, vf_coef=0.5))
 
     @classmethod

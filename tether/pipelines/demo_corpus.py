@@ -97,14 +97,24 @@ class DemoCorpus:
     eval_sentences: list[str]    # held-out news/review sentences, never trained on: the judged prompts
 
 
-def build_corpus(seed: int = 0, eval_sentences: int = 256) -> DemoCorpus:
-    """Hold out some news and review sentences from everything; the rest joins the SFT text."""
+def build_corpus(seed: int = 0, eval_sentences: int = 256, wiki_chars: int = 600_000) -> DemoCorpus:
+    """Hold out some news and review sentences from everything; the rest joins the SFT text.
+
+    Wikipedia is capped at `wiki_chars` so that a few minutes of SFT see mostly the news and
+    review register the prompts come from.
+    """
     rng = random.Random(seed)
     sentences = [s for article in news_articles() for s in _SENTENCE_END.split(article)] + review_sentences()
     sentences = [s.strip() for s in sentences if 5 <= len(s.split()) <= 60]
     rng.shuffle(sentences)
     held_out, seen = sentences[:eval_sentences], sentences[eval_sentences:]
-    train = wikipedia_paragraphs() + seen + dialogues()
+    wiki, total = [], 0
+    for paragraph in wikipedia_paragraphs():
+        if total >= wiki_chars:
+            break
+        wiki.append(paragraph)
+        total += len(paragraph)
+    train = wiki + seen + dialogues()
     rng.shuffle(train)
     return DemoCorpus(train_texts=train, train_sentences=seen, eval_sentences=held_out)
 

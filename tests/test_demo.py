@@ -1,0 +1,77 @@
+"""The demo pipeline end to end at CI size: every stage runs, is cached, and the report is complete."""
+
+import json
+import re
+from html.parser import HTMLParser
+
+import pytest
+
+from tether.pipelines.demo import DemoSettings, margin_pairs, run_demo, vader_compound
+from tether.report import PLOT_NAMES
+
+
+def test_vader_scores_only_the_given_text():
+    scores = vader_compound(["what a wonderful, lovely day", "a horrible, awful mess", "the table"])
+    assert scores[0] > 0.5 and scores[1] < -0.5 and scores[2] == 0.0
+
+
+def test_margin_pairs_keep_only_clear_preferences():
+    pairs = margin_pairs("p", ["a", "b", "c", "a "], [0.9, 0.2, 0.85, 0.1], margin=0.5)
+    assert {(p["chosen"], p["rejected"]) for p in pairs} == {("a", "b"), ("c", "b"), ("c", "a ")}
+    assert all(p["gold_chosen"] - p["gold_rejected"] >= 0.5 for p in pairs)
+
+
+class Collector(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.images, self.links = [], []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.images.append(attrs.get("src", ""))
+        for key in ("src", "href"):
+            if key in attrs:
+                self.links.append(attrs[key])
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("demo")
+    summary = run_demo(run, settings=DemoSettings.small())
+    return run, summary
+
+
+def test_demo_runs_every_stage_and_writes_a_complete_report(demo_run):
+    run, summary = demo_run
+    for stage in ("sft/final/config.json", "reward/final/config.json", "preferences.jsonl", "ppo/final/config.json"):
+        assert (run / stage).is_file(), stage
+    assert summary["SFT held-out perplexity"] > 1
+    assert 0.0 <= summary["reward model held-out accuracy"] <= 1.0
+    assert -1 <= summary["gold (VADER) before PPO"] <= 1
+    html = (run / "ppo" / "report.html").read_text()
+    parser = Collector()
+    parser.feed(html)
+    assert len(parser.images) == len(PLOT_NAMES)
+    assert all(src.startswith("data:image/png;base64,") for src in parser.images)
+    assert not [link for link in parser.links if re.match(r"(https?:)?//", link)]
+    for name in PLOT_NAMES:
+        assert (run / "ppo" / "plots" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "reward model held-out accuracy" in html and "SFT held-out perplexity" in html
+    evals = [json.loads(line) for line in (run / "ppo" / "samples.jsonl").read_text().splitlines()]
+    updates = sorted({s["update"] for s in evals if s["split"] == "eval"})
+    assert updates[0] == 0 and updates[-1] == 3
+    assert all("gold" in s for s in evals)
+
+
+def test_second_run_reuses_cached_stages_and_fresh_recomputes(demo_run):
+    run, _ = demo_run
+    sft_weights = run / "sft" / "final" / "model.safetensors"
+    stamp = sft_weights.stat().st_mtime_ns
+    pairs = (run / "preferences.jsonl").read_text()
+    again = run_demo(run, settings=DemoSettings.small())
+    assert sft_weights.stat().st_mtime_ns == stamp
+    assert (run / "preferences.jsonl").read_text() == pairs
+    assert again["time sft (s)"] < 5 and again["time reward (s)"] < 5
+    run_demo(run, fresh=True, settings=DemoSettings.small())
+    assert sft_weights.stat().st_mtime_ns != stamp
