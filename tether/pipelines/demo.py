@@ -48,18 +48,18 @@ class DemoSettings:
 
     sft: dict = field(default_factory=lambda: dict(
         init="scratch", vocab_size=4096, hidden=192, layers=4, heads=4, block_size=128, batch_size=16,
-        max_steps=300, max_seconds=210, learning_rate=2e-3, warmup_steps=20, eval_every=100, eval_fraction=0.03))
+        max_steps=300, max_seconds=180, learning_rate=2e-3, warmup_steps=20, eval_every=100, eval_fraction=0.03))
     prompt_words: int = 3
-    pref_prompts: int = 768
-    pref_samples: int = 4          # responses per prompt; pairs are formed within a prompt
+    pref_prompts: int = 1024
+    pref_samples: int = 8          # responses per prompt; pairs are formed within a prompt
     pref_margin: float = 0.5       # minimum gold difference for a pair to count as a clear preference
     pref_max_new_tokens: int = 20
     reward: dict = field(default_factory=lambda: dict(
-        batch_size=32, epochs=2.0, learning_rate=3e-4, max_length=64, eval_fraction=0.15, eval_every=50,
+        batch_size=32, epochs=2.0, learning_rate=1e-3, max_length=64, eval_fraction=0.15, eval_every=50,
         normalize_samples=256, normalize_max_new_tokens=20))
     ppo: dict = field(default_factory=lambda: dict(
-        total_updates=50, batch_size=64, num_minibatches=2, ppo_epochs=4, max_new_tokens=20,
-        learning_rate=5e-4, critic_learning_rate=1e-3, kl_coef=0.3, temperature=1.0, eval_every=10,
+        total_updates=40, batch_size=64, num_minibatches=2, ppo_epochs=4, max_new_tokens=20,
+        learning_rate=3e-4, critic_learning_rate=1e-3, kl_coef=0.1, temperature=0.7, eval_every=10,
         eval_max_prompts=256, sample_every=10, num_samples=8, missing_eos_penalty=None, vf_coef=0.5))
 
     @classmethod
@@ -114,7 +114,8 @@ def stage_preferences(run: Path, files: dict[str, Path], settings: DemoSettings)
     prompts = [r["prompt"] for r in _read_jsonl(files["prompts"])]
     random.Random(1).shuffle(prompts)
     prompts = prompts[: settings.pref_prompts]
-    responses = sample_texts(policy, tokenizer, prompts, settings.pref_samples, settings.pref_max_new_tokens)
+    responses = sample_texts(policy, tokenizer, prompts, settings.pref_samples, settings.pref_max_new_tokens,
+                             temperature=settings.ppo["temperature"])
     pairs = []
     for prompt, group in zip(prompts, responses):
         pairs += margin_pairs(prompt, group, vader_compound(group), settings.pref_margin)
@@ -137,14 +138,14 @@ def margin_pairs(prompt: str, responses: list[str], gold: list[float], margin: f
 
 
 def sample_texts(policy, tokenizer, prompts: list[str], per_prompt: int, max_new_tokens: int,
-                 batch_size: int = 128) -> list[list[str]]:
-    """`per_prompt` sampled continuations of every prompt (temperature 1, as PPO samples)."""
+                 temperature: float = 1.0, batch_size: int = 128) -> list[list[str]]:
+    """`per_prompt` sampled continuations of every prompt (at PPO's sampling temperature)."""
     from tether.data import left_pad
     from tether.models import eos_token_ids
     from tether.rollout import GenerationSettings, sample_responses
 
     settings = GenerationSettings(max_new_tokens=max_new_tokens, eos_ids=eos_token_ids(tokenizer, policy),
-                                  pad_id=tokenizer.pad_token_id)
+                                  pad_id=tokenizer.pad_token_id, temperature=temperature)
     repeated = [p for p in prompts for _ in range(per_prompt)]
     texts = []
     for start in range(0, len(repeated), batch_size):
