@@ -59,7 +59,7 @@ class DemoSettings:
         normalize_samples=256, normalize_max_new_tokens=20))
     ppo: dict = field(default_factory=lambda: dict(
         total_updates=40, batch_size=64, num_minibatches=2, ppo_epochs=4, max_new_tokens=20,
-        learning_rate=3e-4, critic_learning_rate=1e-3, kl_coef=0.1, temperature=0.7, eval_every=10,
+        learning_rate=1e-4, critic_learning_rate=1e-3, kl_coef=0.3, temperature=0.7, eval_every=10,
         eval_max_prompts=256, sample_every=10, num_samples=8, missing_eos_penalty=None, vf_coef=0.5))
 
     @classmethod
