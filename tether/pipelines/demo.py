@@ -206,7 +206,7 @@ def run_demo(output_dir: str | Path = "runs/demo", fresh: bool = False,
                    "3/5 preferences: SFT samples ranked by VADER (the gold scorer)")
     reward = _timed(timings, "reward", lambda: stage_reward(run, files, settings),
                     "4/5 reward model: Bradley-Terry on the preference pairs")
-    trainer = _timed(timings, "ppo", lambda: stage_ppo(run, files, settings), "5/5 PPO against the proxy reward model")
+    _timed(timings, "ppo", lambda: stage_ppo(run, files, settings), "5/5 PPO against the proxy reward model")
     summary = summarize(run / "ppo", sft, prefs, reward, timings, time.perf_counter() - start)
     build_report(run / "ppo", extra=summary, title="tether demo: SFT -> reward model -> PPO")
     print_summary(summary, run / "ppo" / "report.html")

@@ -24,7 +24,7 @@ from tether.models import (
     resize_for_tokenizer,
     torch_dtype,
 )
-from tether.rewards import FunctionReward, ModelReward, load_reward_fn
+from tether.rewards import ModelReward, load_reward_fn
 from tether.tracking import make_tracker
 from tether.trainers.ppo import PPOTrainer
 
@@ -37,13 +37,20 @@ def set_threads(requested: int) -> None:
     torch.set_num_threads(min(requested, cores) if requested else cores)
 
 
-def build_ppo_trainer(cfg: PPOConfig) -> PPOTrainer:
-    cfg.validate()
+def start_run(cfg) -> Path:
+    """Every stage starts the same way: threads, seeds, run directory with the resolved config.
+    (Validation is the caller's: it must come before anything is written.)"""
     set_threads(cfg.num_threads)
     seed_everything(cfg.seed)
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
+    return run_dir
+
+
+def build_ppo_trainer(cfg: PPOConfig) -> PPOTrainer:
+    cfg.validate()
+    run_dir = start_run(cfg)
     device, dtype = pick_device(cfg.device), torch_dtype(cfg.dtype)
 
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.policy)

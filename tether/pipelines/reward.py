@@ -26,8 +26,8 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from tether.checkpoint import save_checkpoint, seed_everything
-from tether.config import ConfigError, RewardConfig, save_config
+from tether.checkpoint import save_checkpoint
+from tether.config import ConfigError, RewardConfig
 from tether.data import DataError, load_records, tokenize_prompts
 from tether.models import (
     disable_dropout,
@@ -37,7 +37,7 @@ from tether.models import (
     resize_for_tokenizer,
     torch_dtype,
 )
-from tether.pipelines.ppo import _has_tokenizer_files, _same_base_vocab, set_threads
+from tether.pipelines.ppo import _has_tokenizer_files, _same_base_vocab, start_run
 from tether.tracking import JsonlSink
 from tether.trainers.reward import (
     PreferencePairs,
@@ -68,11 +68,7 @@ def run_reward(cfg: RewardConfig) -> dict[str, float]:
     """
     # 1. Config, threads, seed, run directory.
     validate_reward_config(cfg)
-    set_threads(cfg.num_threads)
-    seed_everything(cfg.seed)
-    run_dir = Path(cfg.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    run_dir = start_run(cfg)
     device, dtype = pick_device(cfg.device), torch_dtype(cfg.dtype)
 
     # 2. Data before models: a bad record fails in seconds, not after loading weights.

@@ -7,13 +7,12 @@ import logging
 import random
 from pathlib import Path
 
-import torch
 
-from tether.checkpoint import save_checkpoint, seed_everything
-from tether.config import SFTConfig, save_config
+from tether.checkpoint import save_checkpoint
+from tether.config import SFTConfig
 from tether.data import DataError, load_records, load_texts, pack_texts
 from tether.models import load_causal_lm, load_tokenizer, pick_device, torch_dtype
-from tether.pipelines.ppo import set_threads
+from tether.pipelines.ppo import start_run
 from tether.tiny import tiny_config, train_tokenizer
 from tether.tracking import JsonlSink
 from tether.trainers.sft import SFTTrainer
@@ -23,11 +22,7 @@ log = logging.getLogger(__name__)
 
 def run_sft(cfg: SFTConfig) -> dict[str, float]:
     cfg.validate()
-    set_threads(cfg.num_threads)
-    seed_everything(cfg.seed)
-    run_dir = Path(cfg.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    run_dir = start_run(cfg)
     device = pick_device(cfg.device)
 
     raw = raw_documents(cfg.data, cfg.text_field)
