@@ -417,16 +417,30 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, T
     tokens. Left padding keeps every prompt's last token in the final column, where
     generation continues.
     """
+    return _pad(sequences, pad_id, left=True)
+
+
+def right_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """(B, L) long input_ids right-padded with ``pad_id`` and (B, L) long attention_mask.
+
+    Right padding for training: no row ever has a query position that sees no real token,
+    and under the causal mask real tokens never see the pads after them.
+    """
+    return _pad(sequences, pad_id, left=False)
+
+
+def _pad(sequences: Sequence[Sequence[int]], pad_id: int, left: bool) -> tuple[Tensor, Tensor]:
     if len(sequences) == 0:
-        raise ValueError("left_pad needs at least one sequence")
+        raise ValueError(f"{'left' if left else 'right'}_pad needs at least one sequence")
     longest = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)  # (B, P)
-    attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long)  # (B, P)
+    input_ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)  # (B, L)
+    attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long)  # (B, L)
     for row, seq in enumerate(sequences):
         if len(seq) == 0:
             continue
-        input_ids[row, longest - len(seq):] = torch.as_tensor(seq, dtype=torch.long)
-        attention_mask[row, longest - len(seq):] = 1
+        span = slice(longest - len(seq), longest) if left else slice(0, len(seq))
+        input_ids[row, span] = torch.as_tensor(list(seq), dtype=torch.long)
+        attention_mask[row, span] = 1
     return input_ids, attention_mask
 
 

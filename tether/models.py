@@ -15,6 +15,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from tether.algo import last_token_index
+
 log = logging.getLogger(__name__)
 
 PAD_TOKEN = "<|pad|>"
@@ -191,7 +193,7 @@ def load_value_model(path: str, dtype: torch.dtype = torch.float32, head_from_re
 
         critic.value_head.load_state_dict(load_file(str(head_file)))
     elif head_from_reward:
-        score = _score_head(load_reward_model(path, dtype))
+        score = score_head(load_reward_model(path, dtype))
         if score is not None and score.weight.shape[0] == 1:
             critic.value_head.weight.data.copy_(score.weight.data)
             if score.bias is not None:
@@ -214,28 +216,34 @@ def load_reward_model(path: str, dtype: torch.dtype = torch.float32):
     return model
 
 
-def _score_head(model: nn.Module) -> Optional[nn.Linear]:
+def score_head(model: nn.Module) -> Optional[nn.Linear]:
+    """The scalar head of a decoder AutoModelForSequenceClassification (``model.score``), if any."""
     head = getattr(model, "score", None)
     return head if isinstance(head, nn.Linear) else None
 
 
-@torch.no_grad()
-def reward_model_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """(B,) score read at the last real token (N-details item 5), whatever the padding side.
+def reward_model_forward(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """(B,) scores with grad, read at the last real token (N-details item 5), whatever the padding side.
 
     Decoder reward models are run as backbone + score head so that padding never depends on
-    `config.pad_token_id`; other architectures fall back to their own pooling.
+    `config.pad_token_id`; other architectures fall back to their own pooling. Float32, or
+    float64 for a float64 model. Reward training and PPO scoring both use this one function.
     """
-    head = _score_head(model)
+    head = score_head(model)
     if head is None:
-        return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+        return _at_least_float32(model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0])
     hidden = last_hidden_state(model.base_model, input_ids, attention_mask)  # (B, L, H)
-    last = last_real_index(attention_mask)
-    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    return head(pooled).squeeze(-1).float()
+    last = last_token_index(attention_mask)  # (B,)
+    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
+    return _at_least_float32(head(pooled.to(head.weight.dtype)).squeeze(-1))
 
 
-def last_real_index(attention_mask: Tensor) -> Tensor:
-    """(B,) index of the rightmost real token of each row."""
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device) + 1
-    return (positions * attention_mask.long()).argmax(-1)
+def _at_least_float32(scores: Tensor) -> Tensor:
+    # bf16/fp16 scores are upcast for the loss; a float64 model keeps its precision.
+    return scores if scores.dtype == torch.float64 else scores.float()
+
+
+@torch.no_grad()
+def reward_model_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """(B,) float32 scores without grad: how PPO reads the reward model."""
+    return reward_model_forward(model, input_ids, attention_mask).float()

@@ -43,8 +43,8 @@ from torch import Tensor, nn
 
 from tether.algo import pairwise_loss
 from tether.config import RewardConfig
-from tether.data import PromptSampler, left_pad
-from tether.models import eos_token_ids, last_hidden_state, last_real_index
+from tether.data import PromptSampler, left_pad, right_pad
+from tether.models import eos_token_ids, last_hidden_state, reward_model_forward, score_head
 from tether.rollout import GenerationSettings, sample_responses
 from tether.tracking import MetricSink
 from tether.trainers.ppo import NonFiniteError, lr_lambda
@@ -90,32 +90,6 @@ class PreferencePairs:
 # --- model helpers --------------------------------------------------------------------
 
 
-def score_head(model: nn.Module) -> Optional[nn.Linear]:
-    """The scalar head of a decoder AutoModelForSequenceClassification (``model.score``), if any."""
-    head = getattr(model, "score", None)
-    return head if isinstance(head, nn.Linear) else None
-
-
-def reward_model_forward(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """(B,) scores with grad (float32, or float64 for a float64 model), read at the last real token whatever the padding side.
-
-    The grad-enabled twin of ``tether.models.reward_model_scores`` (same pooling, same position
-    ids), so the model is trained exactly as PPO will read it (N-details item 5).
-    """
-    head = score_head(model)
-    if head is None:  # non-decoder architectures pool on their own
-        return _at_least_float32(model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0])
-    hidden = last_hidden_state(model.base_model, input_ids, attention_mask)  # (B, L, H)
-    last = last_real_index(attention_mask)  # (B,)
-    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
-    return _at_least_float32(head(pooled.to(head.weight.dtype)).squeeze(-1))
-
-
-def _at_least_float32(scores: Tensor) -> Tensor:
-    # bf16/fp16 scores are upcast for the loss; a float64 model keeps its precision.
-    return scores if scores.dtype == torch.float64 else scores.float()
-
-
 def init_score_head(head: nn.Linear, generator: Optional[torch.Generator] = None) -> None:
     """Weights ~ N(0, 1/sqrt(d_model + 1)), bias 0 (N-details item 6; lm-human-preferences).
 
@@ -127,23 +101,6 @@ def init_score_head(head: nn.Linear, generator: Optional[torch.Generator] = None
         head.weight.normal_(0.0, 1.0 / math.sqrt(d_model + 1), generator=generator)
         if head.bias is not None:
             head.bias.zero_()
-
-
-def right_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    """(B, L) long input_ids right-padded with ``pad_id`` and (B, L) long attention_mask.
-
-    Right padding for training: no row ever has a query position that sees no real token,
-    and under the causal mask real tokens never see the pads after them.
-    """
-    if len(sequences) == 0:
-        raise ValueError("right_pad needs at least one sequence")
-    longest = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)  # (B, L)
-    attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long)  # (B, L)
-    for row, seq in enumerate(sequences):
-        input_ids[row, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
-        attention_mask[row, : len(seq)] = 1
-    return input_ids, attention_mask
 
 
 # --- the trainer ----------------------------------------------------------------------
