@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from tether.algo import (
     RunningMoments,
+    append_missing_eos,
     apply_missing_eos_penalty,
     clip_scores,
     kl_per_token,
@@ -34,6 +35,29 @@ def test_last_token_index_hand_computed():
     assert out.dtype == torch.long
     assert out.tolist() == [2, 4, 0, 2, 4]
     assert last_token_index(mask.bool()).tolist() == [2, 4, 0, 2, 4]
+
+
+def test_append_missing_eos_right_padded():
+    eos, pad = 9, 0
+    ids = torch.tensor([[5, 6, 9, 0], [5, 6, 7, 0], [5, 6, 7, 8], [0, 0, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 1], [0, 0, 0, 0]])
+    out, out_mask = append_missing_eos(ids, mask, torch.tensor([9, 4]), eos, pad)
+    # ended rows untouched, the cut row gets EOS in its first pad, the full row a new column, empty stays empty
+    assert out.tolist() == [[5, 6, 9, 0, 0], [5, 6, 7, 9, 0], [5, 6, 7, 8, 9], [0, 0, 0, 0, 0]]
+    assert out_mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]]
+    assert ids.tolist()[1] == [5, 6, 7, 0]  # input not modified
+
+
+def test_append_missing_eos_left_padded_and_other_end_ids():
+    ids = torch.tensor([[0, 5, 4], [0, 5, 6]])
+    mask = torch.tensor([[0, 1, 1], [0, 1, 1]])
+    out, out_mask = append_missing_eos(ids, mask, torch.tensor([9, 4]), 9, 0)
+    assert out.tolist() == [[0, 5, 4, 0], [0, 5, 6, 9]]  # 4 is a generation EOS: already ended
+    assert out_mask.tolist() == [[0, 1, 1, 0], [0, 1, 1, 1]]
+    same, same_mask = append_missing_eos(out, out_mask, torch.tensor([9, 4]), 9, 0)
+    assert same.tolist() == out.tolist() and same_mask.tolist() == out_mask.tolist()  # idempotent
+    # the appended EOS is where last_token_index (the score position) now points
+    assert last_token_index(out_mask).tolist() == [2, 3]
 
 
 def test_shape_rewards_puts_score_on_eos_not_pad():

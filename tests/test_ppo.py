@@ -182,6 +182,11 @@ def test_reward_model_and_critic_from_it(tiny_dirs, tmp_path):
     assert torch.equal(trainer.critic.value_head.weight.data, rm.score.weight.data)
     metrics = trainer.step()
     assert metrics["reward/score_std"] > 0
+    eos = trainer.tokenizer.eos_token_id
+    assert trainer.reward.eos is not None and trainer.reward.eos[1] == eos and eos in trainer.reward.eos[0]
+    as_is = make_trainer(tiny_dirs, tmp_path / "b", reward_fn=None, reward_model=str(tiny_dirs["reward"]),
+                         reward_append_eos=False)
+    assert as_is.reward.eos is None
 
 
 def test_non_finite_reward_is_a_clear_error_and_keeps_earlier_checkpoints(tiny_dirs, tmp_path):

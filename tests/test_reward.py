@@ -17,7 +17,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from tether.config import RewardConfig, config_from_dict
 from tether.data import DataError, tokenize_prompts
 from tether.data import left_pad
-from tether.models import load_causal_lm, load_reward_model, load_tokenizer, reward_model_scores
+from tether.algo import append_missing_eos, last_token_index
+from tether.models import eos_token_ids, load_causal_lm, load_reward_model, load_tokenizer, reward_model_scores
 from tether.pipelines.reward import (
     encode_preference_pairs,
     load_reward_backbone,
@@ -379,8 +380,16 @@ def test_normalisation_gives_the_policy_mean_0_std_1_and_keeps_the_ranking(tiny_
     policy = load_causal_lm(str(tiny_dirs["gpt2"]))
     prompts, _ = tokenize_prompts([json.loads(line) for line in tiny_dirs["prompts"].read_text().splitlines()],
                                   tokenizer, max_prompt_length=56)
-    # The samples normalisation used (same prompts, seed and chunking): mean 0, std 1 to float precision.
-    ids, mask = sample_policy_sequences(policy, tokenizer, prompts, 256, 8, seed=cfg.seed, chunk_size=cfg.batch_size)
+    # The samples normalisation used (same prompts, seed and chunking), scored as PPO scores them
+    # (cut responses end in an appended EOS): mean 0, std 1 to float precision.
+    ends = torch.tensor(eos_token_ids(tokenizer, policy))
+
+    def as_ppo_scores(ids, mask):
+        return append_missing_eos(ids, mask, ends, tokenizer.eos_token_id, tokenizer.pad_token_id)
+
+    ids, mask = as_ppo_scores(*sample_policy_sequences(policy, tokenizer, prompts, 256, 8, seed=cfg.seed,
+                                                       chunk_size=cfg.batch_size))
+    assert torch.isin(ids[torch.arange(len(ids)), last_token_index(mask)], ends).all()
     scores = reward_model_scores(normed, ids, mask)
     assert scores.mean().item() == pytest.approx(0.0, abs=1e-4)
     assert scores.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-4)
@@ -390,8 +399,8 @@ def test_normalisation_gives_the_policy_mean_0_std_1_and_keeps_the_ranking(tiny_
         with torch.no_grad():
             assert normed(input_ids=alone).logits[0, 0].item() == pytest.approx(scores[row].item(), abs=1e-4)
     # Fresh samples of the same policy: mean 0 and std 1 up to sampling noise (SE of the mean ~ 1/16).
-    fresh = reward_model_scores(normed, *sample_policy_sequences(policy, tokenizer, prompts, 256, 8, seed=123,
-                                                                            chunk_size=cfg.batch_size))
+    fresh = reward_model_scores(normed, *as_ppo_scores(*sample_policy_sequences(
+        policy, tokenizer, prompts, 256, 8, seed=123, chunk_size=cfg.batch_size)))
     assert abs(fresh.mean().item()) < 0.3
     assert 0.75 < fresh.std(unbiased=False).item() < 1.25
 

@@ -175,6 +175,27 @@ def test_reward_model_with_its_own_tokenizer_reencodes_text(tiny_tokenizer):
     assert scores.tolist() == pytest.approx(expected, abs=1e-5)
 
 
+def test_reward_model_scores_cut_responses_as_eos_terminated_text(tiny_tokenizer):
+    """`tether reward` trains on texts ending in EOS; a response cut at max_new_tokens is scored that way."""
+    rm = build_tiny_reward_model("gpt2", tiny_tokenizer, seed=0, hidden=32, layers=1, heads=2).eval()
+    eos, pad = tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id
+    cut = tiny_tokenizer("the cat is good")["input_ids"]
+    ended = tiny_tokenizer("a dog")["input_ids"] + [eos]
+    ids = torch.tensor([cut, ended + [pad] * (len(cut) - len(ended))])
+    mask = torch.tensor([[1] * len(cut), [1] * len(ended) + [0] * (len(cut) - len(ended))])
+
+    def alone(seq):
+        return reward_model_scores(rm, torch.tensor([seq]), torch.ones(1, len(seq), dtype=torch.long)).item()
+
+    shared = ModelReward(rm, eos=([eos], eos, pad)).score(["", ""], ["", ""], ids, mask)
+    assert shared.tolist() == pytest.approx([alone(cut + [eos]), alone(ended)], abs=1e-5)
+    as_is = ModelReward(rm).score(["", ""], ["", ""], ids, mask)
+    assert as_is[0].item() == pytest.approx(alone(cut), abs=1e-5)
+    assert abs(as_is[0].item() - shared[0].item()) > 1e-4  # the EOS changes what the head reads
+    own = ModelReward(rm, tiny_tokenizer, eos=([eos], eos, pad)).score(["the cat"], [" is good"], ids[:1], mask[:1])
+    assert own.item() == pytest.approx(alone(tiny_tokenizer("the cat is good")["input_ids"] + [eos]), abs=1e-5)
+
+
 def test_collect_rollout_chunks_join_like_one_batch(tiny_tokenizer):
     policy = build_tiny_causal_lm("llama", tiny_tokenizer, seed=0, hidden=32, layers=1, heads=2).eval()
     reference = frozen_copy(policy)

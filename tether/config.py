@@ -91,6 +91,8 @@ class PPOConfig:
     kl_horizon: int = opt(10000, "Horizon of the adaptive KL controller.")
 
     # --- reward processing --------------------------------------------------
+    reward_append_eos: bool = opt(True, "Score responses cut at max_new_tokens with an EOS appended: the reward model reads "
+                                         "its score at the EOS, as `tether reward` trains it. false scores the text as is.")
     missing_eos_penalty: Optional[float] = opt(None, "Subtract this from the score of responses that never emit EOS.")
     score_clip: Optional[float] = opt(None, "Clip scores to [-score_clip, score_clip].")
     normalize_scores: bool = opt(False, "Normalise scores with running mean/std (PPO-max).")
@@ -404,6 +406,7 @@ class RewardConfig:
     normalize_prompts: Optional[str] = opt(None, "Prompts to sample normalize_policy on (file, dir or hub id; field prompt_field).")
     normalize_samples: int = opt(256, "Responses sampled for the normalisation statistics.")
     normalize_max_new_tokens: int = opt(32, "Response length for normalisation samples.")
+    normalize_temperature: float = opt(1.0, "Sampling temperature for normalisation samples (use PPO's).")
 
     # --- run ------------------------------------------------------------------
     output_dir: str = opt("runs/reward", "Run directory: config.yaml, metrics.jsonl and the model (AutoModelForSequenceClassification).")

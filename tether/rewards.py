@@ -7,11 +7,12 @@ import importlib.util
 import inspect
 import math
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Optional, Protocol, Sequence
 
 import torch
 from torch import Tensor
 
+from tether.algo import append_missing_eos
 from tether.models import reward_model_scores
 
 
@@ -85,13 +86,17 @@ class ModelReward:
 
     With its own tokenizer the text is decoded from the policy's tokens and re-encoded,
     so the reward model need not share the policy's vocabulary (unlike TRL, #3595).
+    With ``eos`` = (ids that end a text, id to append, pad id) every sequence is scored
+    ending in EOS, the format `tether reward` trains on; None scores the text as it is.
     """
 
-    def __init__(self, model, tokenizer=None, max_length: int = 1024, batch_size: int = 16):
+    def __init__(self, model, tokenizer=None, max_length: int = 1024, batch_size: int = 16,
+                 eos: Optional[tuple[list[int], int, int]] = None):
         self.model = model.eval()
         self.tokenizer = tokenizer  # None: same tokenizer as the policy, reuse its ids
         self.max_length = max_length
         self.batch_size = batch_size
+        self.eos = eos
 
     @property
     def device(self) -> torch.device:
@@ -103,6 +108,9 @@ class ModelReward:
             ids, mask = input_ids, attention_mask
         else:
             ids, mask = self._encode([p + r for p, r in zip(prompts, responses)])
+        if self.eos is not None:
+            end_ids, eos_id, pad_id = self.eos
+            ids, mask = append_missing_eos(ids, mask, torch.tensor(end_ids), eos_id, pad_id)
         chunks = [
             reward_model_scores(self.model, ids[i : i + self.batch_size].to(self.device),
                                 mask[i : i + self.batch_size].to(self.device))

@@ -12,6 +12,7 @@ from .losses import clipped_policy_loss, clipped_value_loss, entropy_loss, lm_lo
 from .masked import explained_variance, masked_mean, masked_sum, masked_var, masked_whiten
 from .rewards import (
     RunningMoments,
+    append_missing_eos,
     apply_missing_eos_penalty,
     clip_scores,
     last_token_index,
@@ -36,6 +37,7 @@ __all__ = [
     "AdaptiveKLController",
     # rewards.py
     "last_token_index",
+    "append_missing_eos",
     "shape_rewards",
     "apply_missing_eos_penalty",
     "clip_scores",

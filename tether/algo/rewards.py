@@ -18,6 +18,7 @@ from .masked import _as_bool_mask, _zero_masked
 
 __all__ = [
     "last_token_index",
+    "append_missing_eos",
     "shape_rewards",
     "apply_missing_eos_penalty",
     "clip_scores",
@@ -35,6 +36,32 @@ def last_token_index(mask: Tensor) -> Tensor:
     mask = mask.bool()
     positions = torch.arange(1, mask.shape[-1] + 1, device=mask.device)  # (R,)
     return (positions * mask).argmax(dim=-1)
+
+
+def append_missing_eos(input_ids: Tensor, mask: Tensor, eos_ids: Tensor, eos_id: int,
+                       pad_id: int) -> tuple[Tensor, Tensor]:
+    """End every sequence with EOS: rows whose last real token is not in ``eos_ids`` get
+    ``eos_id`` written just after it (one column is added when a row is full).
+
+    Shapes: ``input_ids``/``mask`` (B, T) -> (B, T) or (B, T+1); left or right padding. A
+    reward model trained on EOS-terminated texts reads its score at the EOS, so a response
+    cut at max_new_tokens must end the same way before it is scored (OpenRLHF writes the
+    EOS over the last token; appending keeps the response whole).
+    """
+    mask = mask.long()
+    last = last_token_index(mask)  # (B,)
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    needs = ~torch.isin(input_ids[rows, last], eos_ids.to(input_ids.device)) & mask.bool().any(-1)
+    if not needs.any():
+        return input_ids, mask
+    input_ids = torch.nn.functional.pad(input_ids, (0, 1), value=pad_id)
+    mask = torch.nn.functional.pad(mask, (0, 1), value=0)
+    at = (last + 1)[needs]
+    input_ids[rows[needs], at] = eos_id
+    mask[rows[needs], at] = 1
+    if not mask[:, -1].any():  # every appended EOS fitted inside the padding
+        input_ids, mask = input_ids[:, :-1], mask[:, :-1]
+    return input_ids, mask
 
 
 def shape_rewards(

@@ -164,7 +164,7 @@ def stage_reward(run: Path, files: dict[str, Path], settings: DemoSettings) -> d
         cfg = config_from_dict(RewardConfig, dict(
             settings.reward, model=str(run / "sft" / "final"), data=str(run / "preferences.jsonl"),
             output_dir=str(out), normalize_policy=str(run / "sft" / "final"),
-            normalize_prompts=str(files["prompts"])))
+            normalize_prompts=str(files["prompts"]), normalize_temperature=settings.ppo["temperature"]))
         run_reward(cfg)
         _mark_done(out)
     return json.loads((out / "summary.json").read_text())

@@ -14,6 +14,7 @@ from tether.config import PPOConfig, save_config, config_to_dict
 from tether.data import load_records, load_texts, pack_texts, tokenize_prompts
 from tether.models import (
     disable_dropout,
+    eos_token_ids,
     freeze,
     frozen_copy,
     load_causal_lm,
@@ -66,7 +67,7 @@ def build_ppo_trainer(cfg: PPOConfig) -> PPOTrainer:
         policy.gradient_checkpointing_enable()
     reference = (freeze(prepare(load_causal_lm(cfg.reference, dtype), tokenizer, device)) if cfg.reference
                  else frozen_copy(policy))
-    reward = reward_fn or load_model_reward(cfg, tokenizer, dtype, device)
+    reward = reward_fn or load_model_reward(cfg, tokenizer, dtype, device, policy)
     critic = load_critic(cfg, tokenizer, dtype, device)
     gold = load_reward_fn(cfg.gold_reward_fn) if cfg.gold_reward_fn else None
     eval_prompts = load_prompts(cfg, tokenizer, cfg.eval_prompts)[: cfg.eval_max_prompts] if cfg.eval_prompts else None
@@ -94,13 +95,27 @@ def prepare(model, tokenizer, device):
     return model.to(device)
 
 
-def load_model_reward(cfg: PPOConfig, tokenizer, dtype, device) -> ModelReward:
+def load_model_reward(cfg: PPOConfig, tokenizer, dtype, device, policy=None) -> ModelReward:
     model = load_reward_model(cfg.reward_model, dtype)
     own = reward_tokenizer(cfg, tokenizer)
     if own is None:
         resize_for_tokenizer(model, tokenizer)
     disable_dropout(model)
-    return ModelReward(freeze(model.to(device)), own)
+    eos = reward_eos(own or tokenizer, policy if own is None else None) if cfg.reward_append_eos else None
+    return ModelReward(freeze(model.to(device)), own, eos=eos)
+
+
+def reward_eos(tokenizer, policy=None) -> Optional[tuple[list[int], int, int]]:
+    """(ids that already end a text, the EOS to append, pad id) for the reward model's input.
+
+    `tether reward` trains on texts that end in EOS, so responses cut at max_new_tokens get
+    one before scoring. With the policy's ids reused, its generation EOS ids also count as an end.
+    """
+    if tokenizer.eos_token_id is None:
+        return None
+    ends = eos_token_ids(tokenizer, policy)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return ends, tokenizer.eos_token_id, pad
 
 
 def reward_tokenizer(cfg: PPOConfig, policy_tokenizer):

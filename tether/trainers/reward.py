@@ -266,8 +266,8 @@ class RewardTrainer:
 @torch.no_grad()
 def sample_policy_sequences(policy: nn.Module, tokenizer, prompts: list[list[int]], num_samples: int,
                             max_new_tokens: int, seed: int, chunk_size: int = 32,
-                            device: torch.device = torch.device("cpu")) -> tuple[Tensor, Tensor]:
-    """``num_samples`` prompt + response sequences sampled at temperature 1, as PPO's rollout lays them out.
+                            device: torch.device = torch.device("cpu"), temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """``num_samples`` prompt + response sequences sampled at ``temperature``, as PPO's rollout lays them out.
 
     Prompts are visited in seeded shuffled epochs (every prompt once before any repeats). Returns
     input_ids (N, P+R) — prompt left-padded, response right-padded, R = max_new_tokens — and the
@@ -276,7 +276,7 @@ def sample_policy_sequences(policy: nn.Module, tokenizer, prompts: list[list[int
     order = PromptSampler(len(prompts), seed=seed).next_batch(num_samples)
     prompt_ids, prompt_mask = left_pad([prompts[i] for i in order], tokenizer.pad_token_id)  # (N, P)
     settings = GenerationSettings(max_new_tokens=max_new_tokens, eos_ids=eos_token_ids(tokenizer, policy),
-                                  pad_id=tokenizer.pad_token_id, temperature=1.0)
+                                  pad_id=tokenizer.pad_token_id, temperature=temperature)
     policy.eval()
     torch.manual_seed(seed)
     ids, masks = [], []
