@@ -48,19 +48,21 @@ class DemoSettings:
 
     sft: dict = field(default_factory=lambda: dict(
         init="scratch", vocab_size=4096, hidden=192, layers=4, heads=4, block_size=128, batch_size=16,
-        max_steps=300, max_seconds=180, learning_rate=2e-3, warmup_steps=20, eval_every=100, eval_fraction=0.03))
+        max_steps=300, max_seconds=150, learning_rate=2e-3, warmup_steps=20, eval_every=100, eval_fraction=0.03))
     prompt_words: int = 3
-    pref_prompts: int = 1024
-    pref_samples: int = 8          # responses per prompt; pairs are formed within a prompt
+    pref_prompts: int = 768
+    pref_samples: int = 12         # responses per prompt; pairs are formed within a prompt
     pref_margin: float = 0.5       # minimum gold difference for a pair to count as a clear preference
     pref_max_new_tokens: int = 20
     reward: dict = field(default_factory=lambda: dict(
-        batch_size=32, epochs=2.0, learning_rate=1e-3, max_length=64, eval_fraction=0.15, eval_every=50,
+        batch_size=32, epochs=1.0, learning_rate=1e-3, max_length=64, eval_fraction=0.15, eval_every=100,
         normalize_samples=256, normalize_max_new_tokens=20))
     ppo: dict = field(default_factory=lambda: dict(
         total_updates=40, batch_size=64, num_minibatches=2, ppo_epochs=4, max_new_tokens=20,
-        learning_rate=1e-4, critic_learning_rate=1e-3, kl_coef=0.3, temperature=0.7, eval_every=10,
+        learning_rate=1e-4, critic_learning_rate=1e-3, kl_coef=0.12, entropy_coef=0.05, temperature=0.7,
+        ptx_coef=1.0, ptx_batch_size=4, ptx_block_size=64, eval_every=20,
         eval_max_prompts=256, sample_every=10, num_samples=8, missing_eos_penalty=None, vf_coef=0.5))
+    ppo_ptx: bool = True           # PPO-ptx on the SFT text keeps the policy's language from collapsing
 
     @classmethod
     def small(cls) -> "DemoSettings":
@@ -69,7 +71,7 @@ class DemoSettings:
                      max_seconds=None, warmup_steps=2, eval_every=10)
         s.pref_prompts, s.pref_samples, s.pref_margin, s.pref_max_new_tokens = 48, 4, 0.05, 8
         s.reward.update(batch_size=8, epochs=1.0, max_length=32, normalize_samples=16, normalize_max_new_tokens=8)
-        s.ppo.update(total_updates=3, batch_size=8, num_minibatches=2, max_new_tokens=8, eval_every=2,
+        s.ppo.update(total_updates=3, batch_size=8, num_minibatches=2, max_new_tokens=8, eval_every=2, ptx_block_size=32,
                      eval_max_prompts=8, num_samples=4, sample_every=1)
         return s
 
@@ -179,7 +181,8 @@ def stage_ppo(run: Path, files: dict[str, Path], settings: DemoSettings):
     cfg = config_from_dict(PPOConfig, dict(
         settings.ppo, policy=str(run / "sft" / "final"), reward_model=str(run / "reward" / "final"),
         gold_reward_fn="tether.pipelines.demo:vader_compound", prompts=str(files["prompts"]),
-        eval_prompts=str(files["eval_prompts"]), output_dir=str(out), seed=0))
+        eval_prompts=str(files["eval_prompts"]), output_dir=str(out), seed=0,
+        ptx_data=str(files["sft_text"]) if settings.ppo_ptx else None))
     trainer = build_ppo_trainer(cfg)
     trainer.train()
     return trainer
