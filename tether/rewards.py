@@ -97,6 +97,7 @@ class ModelReward:
         self.max_length = max_length
         self.batch_size = batch_size
         self.eos = eos
+        self._end_ids = torch.tensor(eos[0]) if eos is not None else None
 
     @property
     def device(self) -> torch.device:
@@ -109,8 +110,8 @@ class ModelReward:
         else:
             ids, mask = self._encode([p + r for p, r in zip(prompts, responses)])
         if self.eos is not None:
-            end_ids, eos_id, pad_id = self.eos
-            ids, mask = append_missing_eos(ids, mask, torch.tensor(end_ids), eos_id, pad_id)
+            _, eos_id, pad_id = self.eos
+            ids, mask = append_missing_eos(ids, mask, self._end_ids, eos_id, pad_id)
         chunks = [
             reward_model_scores(self.model, ids[i : i + self.batch_size].to(self.device),
                                 mask[i : i + self.batch_size].to(self.device))

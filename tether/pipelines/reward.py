@@ -26,20 +26,19 @@ from typing import Any, Mapping, Optional
 
 import torch
 
+from tether.algo import append_missing_eos
 from tether.checkpoint import save_checkpoint
 from tether.config import ConfigError, RewardConfig
 from tether.data import DataError, load_records, tokenize_prompts
-from tether.algo import append_missing_eos
 from tether.models import (
     disable_dropout,
-    eos_token_ids,
     load_causal_lm,
     load_tokenizer,
     pick_device,
     resize_for_tokenizer,
     torch_dtype,
 )
-from tether.pipelines.ppo import _has_tokenizer_files, _same_base_vocab, start_run
+from tether.pipelines.ppo import _has_tokenizer_files, _same_base_vocab, reward_eos, start_run
 from tether.tracking import JsonlSink
 from tether.trainers.reward import (
     PreferencePairs,
@@ -354,9 +353,8 @@ def normalize_on_policy(cfg: RewardConfig, model, tokenizer, prompts: list[list[
         policy, tokenizer, prompts, cfg.normalize_samples, cfg.normalize_max_new_tokens, seed=cfg.seed,
         chunk_size=cfg.batch_size, device=device, temperature=cfg.normalize_temperature)
     # Scored as PPO scores them by default (reward_append_eos): cut responses get an EOS.
-    input_ids, attention_mask = append_missing_eos(input_ids, attention_mask,
-                                                   torch.tensor(eos_token_ids(tokenizer, policy)),
-                                                   tokenizer.eos_token_id, tokenizer.pad_token_id)
+    ends, eos_id, pad_id = reward_eos(tokenizer, policy)
+    input_ids, attention_mask = append_missing_eos(input_ids, attention_mask, torch.tensor(ends), eos_id, pad_id)
     del policy
     before = score_sequences(model, input_ids, attention_mask, cfg.micro_batch_size, device)
     mean, std = before.mean().item(), before.std(unbiased=False).item()

@@ -7,7 +7,6 @@ import logging
 import random
 from pathlib import Path
 
-
 from tether.checkpoint import save_checkpoint
 from tether.config import SFTConfig
 from tether.data import DataError, load_records, load_texts, pack_texts
