@@ -18,7 +18,15 @@ from tether.config import RewardConfig, config_from_dict
 from tether.data import DataError, tokenize_prompts
 from tether.data import left_pad
 from tether.algo import append_missing_eos, last_token_index
-from tether.models import eos_token_ids, load_causal_lm, load_reward_model, load_tokenizer, reward_model_scores
+from tether.models import (
+    eos_token_ids,
+    has_tokenizer_files,
+    load_causal_lm,
+    load_reward_model,
+    load_tokenizer,
+    reward_model_scores,
+    same_vocabulary,
+)
 from tether.pipelines.reward import (
     encode_preference_pairs,
     load_reward_backbone,
@@ -213,6 +221,19 @@ def test_tokenizer_without_pad_token_gets_a_dedicated_one_and_the_model_knows_it
     assert tokenizer.pad_token_id not in (None, tokenizer.eos_token_id)
     assert model.get_input_embeddings().num_embeddings == len(tokenizer)
     assert model.config.pad_token_id == tokenizer.pad_token_id
+
+
+def test_vocabulary_match_allows_only_an_added_pad_token(tiny_dirs, tmp_path):
+    saved = AutoTokenizer.from_pretrained(tiny_dirs["gpt2"])
+    with_pad = AutoTokenizer.from_pretrained(tiny_dirs["gpt2"])
+    with_pad.add_special_tokens({"pad_token": "<|extra_pad|>"})
+    assert same_vocabulary(saved, with_pad) and same_vocabulary(with_pad, saved)
+    with_two = AutoTokenizer.from_pretrained(tiny_dirs["gpt2"])
+    with_two.add_tokens(["<|a|>", "<|b|>"])
+    assert not same_vocabulary(saved, with_two)
+    other = train_tokenizer(builtin_corpus(400, seed=3), vocab_size=300)
+    assert not same_vocabulary(saved, other)
+    assert has_tokenizer_files(str(tiny_dirs["gpt2"])) and not has_tokenizer_files(str(tmp_path))
 
 
 def test_rmsnorm_model_without_head_bias_cannot_store_a_shift(tiny_dirs):

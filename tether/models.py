@@ -66,6 +66,21 @@ def resize_for_tokenizer(model: nn.Module, tokenizer) -> None:
     model.config.pad_token_id = tokenizer.pad_token_id
 
 
+def same_vocabulary(a, b) -> bool:
+    """Same token ids, up to the pad token one of the two tokenizers may have gained."""
+    va, vb = a.get_vocab(), b.get_vocab()
+    small, large = (va, vb) if len(va) <= len(vb) else (vb, va)
+    return len(large) - len(small) <= 1 and all(large.get(k) == v for k, v in small.items())
+
+
+def has_tokenizer_files(path: str) -> bool:
+    """Whether a model path carries its own tokenizer (a hub id is assumed to)."""
+    p = Path(path)
+    if not p.is_dir():
+        return True
+    return any((p / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
+
+
 def eos_token_ids(tokenizer, model: Optional[nn.Module] = None) -> list[int]:
     """All ids that end a response: the tokenizer's EOS plus the model's generation EOS list."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from tether.algo import append_missing_eos
-from tether.models import reward_model_scores
+from tether.models import eos_token_ids, reward_model_scores
 
 
 class RewardError(ValueError):
@@ -128,3 +128,16 @@ class ModelReward:
         self.tokenizer.truncation_side = "left"
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=self.max_length)
         return enc["input_ids"], enc["attention_mask"]
+
+
+def reward_eos(tokenizer, policy=None) -> Optional[tuple[list[int], int, int]]:
+    """(ids that already end a text, the EOS to append, pad id) for the reward model's input.
+
+    `tether reward` trains on texts that end in EOS, so responses cut at max_new_tokens get
+    one before scoring. With the policy's ids reused, its generation EOS ids also count as an end.
+    """
+    if tokenizer.eos_token_id is None:
+        return None
+    ends = eos_token_ids(tokenizer, policy)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return ends, tokenizer.eos_token_id, pad

@@ -14,18 +14,19 @@ from tether.config import PPOConfig, save_config, config_to_dict
 from tether.data import load_records, load_texts, pack_texts, tokenize_prompts
 from tether.models import (
     disable_dropout,
-    eos_token_ids,
     freeze,
     frozen_copy,
+    has_tokenizer_files,
     load_causal_lm,
     load_reward_model,
     load_tokenizer,
     load_value_model,
     pick_device,
     resize_for_tokenizer,
+    same_vocabulary,
     torch_dtype,
 )
-from tether.rewards import ModelReward, load_reward_fn
+from tether.rewards import ModelReward, load_reward_fn, reward_eos
 from tether.tracking import make_tracker
 from tether.trainers.ppo import PPOTrainer
 
@@ -105,47 +106,20 @@ def load_model_reward(cfg: PPOConfig, tokenizer, dtype, device, policy=None) -> 
     return ModelReward(freeze(model.to(device)), own, eos=eos)
 
 
-def reward_eos(tokenizer, policy=None) -> Optional[tuple[list[int], int, int]]:
-    """(ids that already end a text, the EOS to append, pad id) for the reward model's input.
-
-    `tether reward` trains on texts that end in EOS, so responses cut at max_new_tokens get
-    one before scoring. With the policy's ids reused, its generation EOS ids also count as an end.
-    """
-    if tokenizer.eos_token_id is None:
-        return None
-    ends = eos_token_ids(tokenizer, policy)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return ends, tokenizer.eos_token_id, pad
-
-
 def reward_tokenizer(cfg: PPOConfig, policy_tokenizer):
     """The reward model's own tokenizer when it differs from the policy's, else None (reuse ids)."""
     from transformers import AutoTokenizer
 
     path = cfg.reward_tokenizer or cfg.reward_model
-    if cfg.reward_tokenizer is None and not _has_tokenizer_files(path):
+    if cfg.reward_tokenizer is None and not has_tokenizer_files(path):
         return None
     own = AutoTokenizer.from_pretrained(path)
-    if own.get_vocab() == policy_tokenizer.get_vocab() or _same_base_vocab(own, policy_tokenizer):
+    if same_vocabulary(own, policy_tokenizer):
         return None
     if own.pad_token_id is None:
         own.pad_token = own.eos_token  # any id works: the attention mask decides what counts
     log.info("reward model has its own tokenizer: texts are decoded and re-encoded for it")
     return own
-
-
-def _same_base_vocab(a, b) -> bool:
-    """Same vocabulary up to the pad token the policy tokenizer may have gained."""
-    va, vb = a.get_vocab(), b.get_vocab()
-    small, large = (va, vb) if len(va) <= len(vb) else (vb, va)
-    return len(large) - len(small) <= 1 and all(large.get(k) == v for k, v in small.items())
-
-
-def _has_tokenizer_files(path: str) -> bool:
-    p = Path(path)
-    if not p.is_dir():
-        return True  # a hub id: assume it carries a tokenizer
-    return any((p / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
 
 
 def load_critic(cfg: PPOConfig, tokenizer, dtype, device):

@@ -32,13 +32,16 @@ from tether.config import ConfigError, RewardConfig
 from tether.data import DataError, load_records, tokenize_prompts
 from tether.models import (
     disable_dropout,
+    has_tokenizer_files,
     load_causal_lm,
     load_tokenizer,
     pick_device,
     resize_for_tokenizer,
+    same_vocabulary,
     torch_dtype,
 )
-from tether.pipelines.ppo import _has_tokenizer_files, _same_base_vocab, reward_eos, start_run
+from tether.pipelines.ppo import start_run
+from tether.rewards import reward_eos
 from tether.tracking import JsonlSink
 from tether.trainers.reward import (
     PreferencePairs,
@@ -329,10 +332,10 @@ def load_normalization_prompts(cfg: RewardConfig, tokenizer) -> list[list[int]]:
 def _check_same_vocabulary(policy_path: str, tokenizer) -> None:
     from transformers import AutoTokenizer
 
-    if not _has_tokenizer_files(policy_path):
+    if not has_tokenizer_files(policy_path):
         return
     own = AutoTokenizer.from_pretrained(policy_path)
-    if own.get_vocab() != tokenizer.get_vocab() and not _same_base_vocab(own, tokenizer):
+    if not same_vocabulary(own, tokenizer):
         raise ConfigError(f"normalize_policy {policy_path} uses a different tokenizer than the reward model; "
                           "normalisation scores the policy's token ids directly, so they must share a vocabulary")
 
