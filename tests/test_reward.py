@@ -18,6 +18,7 @@ from tether.config import RewardConfig, config_from_dict
 from tether.data import DataError, tokenize_prompts
 from tether.data import left_pad
 from tether.algo import append_missing_eos, last_token_index
+from tether.metrics import REWARD_METRIC_NAMES
 from tether.models import (
     eos_token_ids,
     has_tokenizer_files,
@@ -142,6 +143,12 @@ def test_training_learns_a_separable_preference(trained):
     assert sum(losses[-3:]) / 3 < 0.25 * sum(losses[:3]) / 3
     assert rows[-1]["train/lr"] < rows[0]["train/lr"] == pytest.approx(3e-3)  # linear decay
     assert rows[-1]["eval/accuracy"] == summary["eval/accuracy"]
+
+
+def test_reward_training_logs_exactly_the_documented_metrics(trained):
+    cfg, _ = trained
+    logged = {k for r in read_rows(Path(cfg.output_dir) / "metrics.jsonl") for k in r} - {"update"}
+    assert logged == REWARD_METRIC_NAMES
 
 
 def test_saved_model_loads_with_plain_transformers_and_reproduces_accuracy(trained, pair_files):

@@ -351,6 +351,7 @@ class SFTConfig:
 
     # --- run ------------------------------------------------------------------
     output_dir: str = opt("runs/sft", "Run directory: config.yaml, metrics.jsonl and the model in save_pretrained format.")
+    save_every: int = opt(0, "Also save the model to output_dir/checkpoint-N every N steps (0 = only output_dir/final).")
     seed: int = opt(0, "Random seed.")
     progress: bool = opt(True, "Show a progress bar.")
     num_threads: int = opt(0, "torch CPU threads (0 = number of cores).")
@@ -370,7 +371,7 @@ class SFTConfig:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
-        _non_negative(self, "warmup_steps", "num_threads", "weight_decay")
+        _non_negative(self, "warmup_steps", "num_threads", "weight_decay", "save_every")
 
 
 @dataclass

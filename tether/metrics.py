@@ -93,21 +93,73 @@ PPO_METRIC_NAMES: frozenset[str] = frozenset(m.name for m in PPO_METRICS)
 ALWAYS_LOGGED: frozenset[str] = frozenset(m.name for m in PPO_METRICS if not m.only_with)
 
 
+SFT_METRICS: tuple[Metric, ...] = (
+    Metric("train/loss", "Causal LM loss of this optimizer step's blocks, nats per predicted token (the same "
+           "loss as PPO-ptx).", "Falls quickly, then slowly. A rise after warmup means the learning rate is too high."),
+    Metric("train/grad_norm", "Gradient norm before clipping.",
+           "Stable after the first steps; spikes precede loss spikes."),
+    Metric("train/lr", "Learning rate after this step.", "Follows warmup then the configured schedule."),
+    Metric("eval/loss", "Held-out LM loss over every eval block, nats per token.",
+           "Falls with `train/loss`; a widening gap to it is overfitting.", "eval_every step / the end"),
+    Metric("eval/perplexity", "exp(`eval/loss`).", "Falls; the figure reported as the SFT model's quality.",
+           "eval_every step / the end"),
+    Metric("train/steps", "Optimizer steps taken (fewer than max_steps when max_seconds ran out).",
+           "Equal to max_steps unless a compute budget was set.", "the last row"),
+    Metric("time/train_s", "Seconds spent training.", "Within the budget you set.", "the last row"),
+)
+
+REWARD_METRICS: tuple[Metric, ...] = (
+    Metric("train/loss", "Bradley-Terry loss −log σ(r_chosen − r_rejected) of this step's pairs.",
+           "Falls from log 2 ≈ 0.693. Near 0 on train while `eval/loss` rises is overfitting: fewer epochs."),
+    Metric("train/accuracy", "Share of this step's pairs where the chosen response scores higher (ties count "
+           "as wrong).", "Rises above 0.5."),
+    Metric("train/margin", "Mean r_chosen − r_rejected over this step's pairs.", "Grows, then levels off."),
+    Metric("train/grad_norm", "Gradient norm before clipping.", "Stable."),
+    Metric("train/lr", "Learning rate used by this step.", "Follows the configured schedule."),
+    Metric("train/epoch", "Passes over the training pairs so far.", "Reaches `epochs` at the end."),
+    Metric("eval/loss", "Bradley-Terry loss on the held-out pairs.", "Falls, then flattens; rising is overfitting.",
+           "eval_every step / the end"),
+    Metric("eval/accuracy", "Held-out pairwise accuracy: the reward model's quality figure.",
+           "Well above 0.5; 0.65–0.75 is typical for human preference data.", "eval_every step / the end"),
+    Metric("eval/margin", "Mean held-out r_chosen − r_rejected.", "Positive.", "eval_every step / the end"),
+    Metric("eval/score_mean", "Mean score over held-out chosen and rejected responses.",
+           "Anything: only differences matter (normalisation fixes the scale afterwards).",
+           "eval_every step / the end"),
+    Metric("eval/score_std", "Standard deviation of those scores.", "Non-zero.", "eval_every step / the end"),
+)
+
+SFT_METRIC_NAMES: frozenset[str] = frozenset(m.name for m in SFT_METRICS)
+REWARD_METRIC_NAMES: frozenset[str] = frozenset(m.name for m in REWARD_METRICS)
+
+
 def render_markdown() -> str:
     lines = [
         "# Metrics",
         "",
-        "Every metric `tether ppo` logs each update, in `metrics.jsonl` (one JSON object per update, with",
-        "`update` and the metrics below) and in any TensorBoard / Weights & Biases sink.",
+        "Every metric tether logs, in the run directory's `metrics.jsonl` (one JSON object per line, with",
+        "`update` — the PPO update, or the optimizer step for `tether sft` and `tether reward` — and the",
+        "metrics below) and, for `tether ppo`, in any TensorBoard / Weights & Biases sink.",
         "This file is generated from `tether/metrics.py`.",
-        "",
-        "| metric | what it means | what healthy looks like | logged when |",
-        "| --- | --- | --- | --- |",
     ]
-    for m in PPO_METRICS:
-        when = f"`{m.only_with}` is set" if m.only_with else "always"
-        lines.append(f"| `{m.name}` | {m.meaning} | {m.healthy} | {when} |")
+    sections = (("`tether ppo`: one row per update", PPO_METRICS),
+                ("`tether sft`: one row per optimizer step", SFT_METRICS),
+                ("`tether reward`: one row per optimizer step", REWARD_METRICS))
+    for title, table in sections:
+        lines += ["", f"## {title}", "", "| metric | what it means | what healthy looks like | logged when |",
+                  "| --- | --- | --- | --- |"]
+        for m in table:
+            when = _when(m, table is PPO_METRICS)
+            lines.append(f"| `{m.name}` | {m.meaning} | {m.healthy} | {when} |")
+    lines += ["", "`tether reward` writes its normalisation statistics (`normalize/mean_before`, `normalize/std_before`,",
+              "`normalize/mean_after`, `normalize/std_after`, `normalize/samples`) to `summary.json`, not to",
+              "`metrics.jsonl`, whose rows are optimizer steps."]
     return "\n".join(lines) + "\n"
+
+
+def _when(m: Metric, is_option: bool) -> str:
+    if not m.only_with:
+        return "always"
+    return f"`{m.only_with}` is set" if is_option else m.only_with
 
 
 if __name__ == "__main__":

@@ -38,7 +38,10 @@ def run_sft(cfg: SFTConfig) -> dict[str, float]:
     log.info("model: %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
     sink = JsonlSink(run_dir / "metrics.jsonl")
     try:
-        summary = SFTTrainer(cfg, model, train_blocks, eval_blocks, sink, device).train()
+        def save(step: int) -> None:
+            save_checkpoint(run_dir / f"checkpoint-{step}", model, tokenizer)
+
+        summary = SFTTrainer(cfg, model, train_blocks, eval_blocks, sink, device, save=save).train()
     finally:
         sink.close()
     save_checkpoint(run_dir / "final", model, tokenizer)

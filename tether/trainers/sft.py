@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -48,8 +48,10 @@ class SFTTrainer:
     """Handed a model and packed blocks; owns the optimizer, schedule and step counter."""
 
     def __init__(self, cfg: SFTConfig, model: nn.Module, train_blocks: Tensor, eval_blocks: Optional[Tensor],
-                 sink: Optional[JsonlSink] = None, device: torch.device = torch.device("cpu")):
+                 sink: Optional[JsonlSink] = None, device: torch.device = torch.device("cpu"),
+                 save: Optional[Callable[[int], None]] = None):
         self.cfg, self.model, self.eval_blocks, self.sink, self.device = cfg, model, eval_blocks, sink, device
+        self.save = save  # called with the step number every save_every steps
         self.sampler = BlockSampler(train_blocks, seed=cfg.seed)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, eps=cfg.adam_eps,
                                            weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
@@ -76,6 +78,8 @@ class SFTTrainer:
                     metrics.update(self.evaluate())
                     bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", eval=f"{metrics['eval/loss']:.3f}")
                 self.log(metrics)
+                if self.save is not None and cfg.save_every and self.step_count % cfg.save_every == 0:
+                    self.save(self.step_count)
         final = {**metrics, **self.evaluate(), "train/steps": float(self.step_count),
                  "time/train_s": time.perf_counter() - start}
         self.log(final)
