@@ -66,6 +66,32 @@ def test_accumulation_does_not_change_the_update(tiny_dirs, tmp_path):
     assert any(not torch.equal(p, reference[n]) for n, p in one.policy.named_parameters())
 
 
+def test_critic_warmup_trains_only_the_critic_then_the_policy(tiny_dirs, tmp_path):
+    trainer = make_trainer(tiny_dirs, tmp_path, critic_warmup_updates=2, total_updates=4, ptx_data=str(tiny_dirs["prompts"]),
+                           ptx_field="prompt", ptx_block_size=8)
+    policy_start = {n: p.detach().clone() for n, p in trainer.policy.named_parameters()}
+    critic_start = {n: p.detach().clone() for n, p in trainer.critic.named_parameters()}
+    for _ in range(2):
+        metrics = trainer.step()
+        assert metrics["policy/grad_norm"] == 0.0 and metrics["ptx/loss"] == 0.0
+        assert metrics["policy/ratio_max"] == pytest.approx(1.0, abs=1e-5)  # the policy never moved
+    assert all(torch.equal(p, policy_start[n]) for n, p in trainer.policy.named_parameters())
+    assert any(not torch.equal(p, critic_start[n]) for n, p in trainer.critic.named_parameters())
+    assert trainer.policy_scheduler.last_epoch == 0  # its schedule starts when it starts training
+    metrics = trainer.step()
+    assert metrics["policy/grad_norm"] > 0 and metrics["ptx/loss"] > 0
+    assert any(not torch.equal(p, policy_start[n]) for n, p in trainer.policy.named_parameters())
+    trainer.step()
+    assert trainer.policy_scheduler.get_last_lr()[0] == pytest.approx(0.0)  # linear decay ends with the run
+
+
+def test_critic_warmup_must_leave_updates_for_the_policy(tiny_dirs, tmp_path):
+    from tether.config import ConfigError
+
+    with pytest.raises(ConfigError, match="critic_warmup_updates"):
+        make_trainer(tiny_dirs, tmp_path, critic_warmup_updates=2, total_updates=2)
+
+
 def run_rows(tiny_dirs, tmp_path, **extra):
     cfg = config_from_dict(PPOConfig, base_overrides(
         tiny_dirs, tmp_path, **{**dict(total_updates=30, batch_size=32, num_minibatches=2, ppo_epochs=4,

@@ -81,6 +81,8 @@ class PPOConfig:
     lam: float = opt(0.95, "GAE lambda.")
     whiten_advantages: bool = opt(True, "Shift advantages to mean 0, std 1 over the batch's real tokens.")
     target_kl_stop: Optional[float] = opt(None, "Stop an update's remaining minibatches when approx-KL exceeds this.")
+    critic_warmup_updates: int = opt(0, "First updates that train only the critic (policy frozen; they count in total_updates), "
+                                        "so advantages mean something before the policy moves (verl critic_warmup).")
 
     # --- KL to the reference ------------------------------------------------
     kl_coef: float = opt(0.05, "Initial KL coefficient beta.")
@@ -148,7 +150,10 @@ class PPOConfig:
             raise ConfigError(f"gold_reward_fn must look like 'package.module:function', got {self.gold_reward_fn!r}")
         _positive(self, "eval_every", "eval_max_prompts")
         _non_negative(self, "top_k", "warmup_steps", "save_every", "sample_every", "num_samples",
-                      "rollout_batch_size", "kl_coef", "vf_coef", "entropy_coef", "num_threads")
+                      "rollout_batch_size", "kl_coef", "vf_coef", "entropy_coef", "num_threads", "critic_warmup_updates")
+        if self.critic_warmup_updates >= self.total_updates:
+            raise ConfigError(f"critic_warmup_updates={self.critic_warmup_updates} leaves no update for the policy; "
+                              f"it must be below total_updates={self.total_updates}")
         for key in ("clip_eps", "learning_rate", "kl_target", "kl_horizon"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key} must be > 0, got {getattr(self, key)}")

@@ -118,7 +118,8 @@ class PPOTrainer:
         self.ptx_sampler = BlockSampler(ptx_blocks, seed=cfg.seed + 1) if ptx_blocks is not None else None
         self.shuffle_generator = torch.Generator().manual_seed(cfg.seed + 2)
         total_steps = cfg.total_updates * cfg.ppo_epochs * cfg.num_minibatches
-        self.policy_optimizer, self.policy_scheduler = self._optimizer(policy, cfg.learning_rate, total_steps)
+        policy_steps = (cfg.total_updates - cfg.critic_warmup_updates) * cfg.ppo_epochs * cfg.num_minibatches
+        self.policy_optimizer, self.policy_scheduler = self._optimizer(policy, cfg.learning_rate, policy_steps)
         self.critic_optimizer, self.critic_scheduler = self._optimizer(
             critic, cfg.critic_learning_rate or cfg.learning_rate, total_steps)
         self.doctor = Doctor(cfg)
@@ -291,15 +292,37 @@ class PPOTrainer:
                 else:
                     stats[key] += weight * value
         stats["policy/ratio_max"] = ratio_max
-        stats["ptx/loss"] = self.ptx_backward() if self.ptx_sampler is not None else 0.0
-        stats["policy/grad_norm"] = self._clip_and_step(self.policy, self.policy_optimizer, self.policy_scheduler,
-                                                        "policy")
+        frozen = self.policy_frozen()
+        stats["ptx/loss"] = self.ptx_backward() if self.ptx_sampler is not None and not frozen else 0.0
+        stats["policy/grad_norm"] = 0.0 if frozen else self._clip_and_step(
+            self.policy, self.policy_optimizer, self.policy_scheduler, "policy")
         stats["value/grad_norm"] = self._clip_and_step(self.critic, self.critic_optimizer, self.critic_scheduler,
                                                        "value")
         return dict(stats)
 
+    def policy_frozen(self) -> bool:
+        """During critic warmup the policy is measured but not trained."""
+        return self.update < self.cfg.critic_warmup_updates
+
     def micro_step(self, micro: PPOBatch, num_tokens: float) -> dict[str, float]:
         """Forward + backward of policy and critic losses on one micro-batch."""
+        cfg = self.cfg
+        length = micro.response_mask.shape[1]
+        frozen = self.policy_frozen()
+        with torch.set_grad_enabled(not frozen):
+            loss, stats = self.policy_loss(micro, num_tokens)
+        if not frozen:
+            _check_finite(loss, "policy loss", self.update)
+            loss.backward()
+        values = response_values(self.critic, micro.input_ids, micro.attention_mask, length)
+        v_loss, vs = clipped_value_loss(values, micro.old_values, micro.returns, micro.response_mask,
+                                        cfg.value_clip_eps, num_tokens=num_tokens)
+        _check_finite(v_loss, "value loss", self.update)
+        (cfg.vf_coef * v_loss).backward()
+        return {**stats, "value/loss": vs["loss"].item(), "value/clipfrac": vs["clipfrac"].item()}
+
+    def policy_loss(self, micro: PPOBatch, num_tokens: float) -> tuple[Tensor, dict[str, float]]:
+        """Clipped surrogate (+ KL in the loss, − entropy bonus) on one micro-batch, and its statistics."""
         cfg = self.cfg
         mask = micro.response_mask
         length = mask.shape[1]
@@ -317,19 +340,10 @@ class PPOTrainer:
             loss = loss + cfg.entropy_coef * ent_loss
         else:
             entropy = entropy_from_logits(logits.detach(), cfg.temperature)
-        _check_finite(loss, "policy loss", self.update)
-        loss.backward()
-        del logits
-        values = response_values(self.critic, micro.input_ids, micro.attention_mask, length)
-        v_loss, vs = clipped_value_loss(values, micro.old_values, micro.returns, mask, cfg.value_clip_eps,
-                                        num_tokens=num_tokens)
-        _check_finite(v_loss, "value loss", self.update)
-        (cfg.vf_coef * v_loss).backward()
-        return {
+        return loss, {
             "policy/loss": pg["loss"].item(), "policy/approx_kl": pg["approx_kl"].item(),
             "policy/clipfrac": pg["clipfrac"].item(), "policy/ratio_mean": pg["ratio_mean"].item(),
             "policy/ratio_max": pg["ratio_max"].item(), "policy/entropy": masked_mean(entropy.detach(), mask).item(),
-            "value/loss": vs["loss"].item(), "value/clipfrac": vs["clipfrac"].item(),
         }
 
     def ptx_backward(self) -> float:
