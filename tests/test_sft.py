@@ -79,6 +79,7 @@ def test_sft_saves_plain_transformers_models_and_intermediate_checkpoints(scratc
     with torch.no_grad():
         loss = model(input_ids=ids, labels=ids).loss.item()
     assert loss < math.log(len(tokenizer))  # the saved weights are the trained ones, not a fresh init
+    assert model.config.resid_pdrop == model.config.attn_pdrop == 0.0  # dropout=0 default for init=scratch
     early = AutoModelForCausalLM.from_pretrained(run / "checkpoint-20")
     assert not torch.equal(early.lm_head.weight, model.lm_head.weight)
 
@@ -114,6 +115,8 @@ def test_bad_sft_data_is_a_clear_error(tmp_path):
     too_little = write_jsonl(tmp_path / "little.jsonl", [{"text": "a cat."}, {"text": "a dog."}])
     with pytest.raises(DataError, match="block_size"):
         run_sft(sft_cfg(too_little, tmp_path / "run2", block_size=64, eval_fraction=0.0))
+    with pytest.raises(ConfigError, match="dropout"):
+        run_sft(sft_cfg(too_little, tmp_path / "run4", dropout=1.0))
     with pytest.raises(ConfigError, match="model is required"):
         run_sft(sft_cfg(too_little, tmp_path / "run3", init="pretrained"))
 
@@ -123,9 +126,10 @@ def test_cli_sft_run_as_a_user_types_it(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     args = [f"data={data}", f"output_dir={tmp_path / 'run'}", "init=scratch", "vocab_size=256", "hidden=32",
             "layers=1", "heads=2", "block_size=32", "batch_size=4", "max_steps=3", "eval_every=3",
-            "progress=false", "num_threads=1"]
+            "dropout=0.2", "progress=false", "num_threads=1"]
     result = subprocess.run([sys.executable, "-m", "tether.cli", "sft", *args], capture_output=True, text=True,
                             env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
     assert "save_every: 0" in (tmp_path / "run" / "config.yaml").read_text()
+    assert json.loads((tmp_path / "run" / "final" / "config.json").read_text())["resid_pdrop"] == 0.2

@@ -330,6 +330,8 @@ class SFTConfig:
     hidden: int = opt(256, "Hidden size for init=scratch.")
     layers: int = opt(4, "Transformer layers for init=scratch.")
     heads: int = opt(4, "Attention heads for init=scratch.")
+    dropout: float = opt(0.0, "Dropout of a model built with init=scratch: 0 suits short pretraining runs, where a small "
+                              "model underfits. Pretrained models keep their own.")
     dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "Weights dtype.")
     device: str = opt("auto", "Device: 'auto', 'cpu', 'cuda', ...")
     gradient_checkpointing: bool = opt(False, "Trade compute for memory.")
@@ -374,6 +376,8 @@ class SFTConfig:
         _divisible(self, "hidden", "heads")
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
         _non_negative(self, "warmup_steps", "num_threads", "weight_decay", "save_every")

@@ -47,18 +47,21 @@ def train_tokenizer(texts: list[str], vocab_size: int = 256, chat_template: str 
     return tokenizer
 
 
-def tiny_config(arch: str, tokenizer, hidden: int = 64, layers: int = 2, heads: int = 4, max_positions: int = 256):
-    """A small GPT-2 or Llama config sized for the tokenizer."""
+def tiny_config(arch: str, tokenizer, hidden: int = 64, layers: int = 2, heads: int = 4, max_positions: int = 256,
+                dropout: float | None = None):
+    """A small GPT-2 or Llama config sized for the tokenizer (dropout None keeps the library default)."""
     from transformers import GPT2Config, LlamaConfig
 
     common = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     if arch == "gpt2":
-        return GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=max_positions, **common)
+        drop = {} if dropout is None else dict(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
+        return GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=max_positions, **drop, **common)
     if arch == "llama":
+        drop = {} if dropout is None else dict(attention_dropout=dropout)
         return LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
                            num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
-                           max_position_embeddings=max_positions, tie_word_embeddings=True, **common)
+                           max_position_embeddings=max_positions, tie_word_embeddings=True, **drop, **common)
     raise ValueError(f"unknown tiny architecture {arch!r}; choose 'gpt2' or 'llama'")
 
 

@@ -97,7 +97,7 @@ def sft_model(cfg: SFTConfig, tokenizer):
 
     if cfg.init == "scratch":
         config = tiny_config(cfg.arch, tokenizer, hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads,
-                             max_positions=max(cfg.block_size, 512))
+                             max_positions=max(cfg.block_size, 512), dropout=cfg.dropout)
         return AutoModelForCausalLM.from_config(config).to(torch_dtype(cfg.dtype))
     model = load_causal_lm(cfg.model, torch_dtype(cfg.dtype))
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
