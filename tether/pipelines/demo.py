@@ -48,9 +48,9 @@ class DemoSettings:
 
     sft: dict = field(default_factory=lambda: dict(
         init="scratch", vocab_size=4096, hidden=192, layers=4, heads=4, dropout=0.1, block_size=128, batch_size=16,
-        max_steps=300, max_seconds=200, learning_rate=2e-3, warmup_steps=20, eval_every=100, eval_fraction=0.03))
+        max_steps=280, max_seconds=150, learning_rate=2e-3, warmup_steps=20, eval_every=100, eval_fraction=0.03))
     # dropout 0.1 (not the scratch default 0): a lower-perplexity SFT without it gave PPO no better gold per nat
-    # of KL in our sweeps, and less diversity; max_seconds is a safety net, 300 steps take ~155 s here
+    # of KL in our sweeps, and less diversity. 280 steps take ~140 s here; max_seconds caps a slower machine
     prompt_words: int = 3
     pref_prompts: int = 768
     pref_samples: int = 12         # responses per prompt; pairs are formed within a prompt
