@@ -52,7 +52,7 @@ class DemoSettings:
     # dropout 0.1 (not the scratch default 0): a lower-perplexity SFT without it gave PPO no better gold per nat
     # of KL in our sweeps, and less diversity. 280 steps take ~140 s here; max_seconds caps a slower machine
     prompt_words: int = 3
-    pref_prompts: int = 768
+    pref_prompts: int = 512
     pref_samples: int = 12         # responses per prompt; pairs are formed within a prompt
     pref_margin: float = 0.5       # minimum gold difference for a pair to count as a clear preference
     pref_max_new_tokens: int = 20
