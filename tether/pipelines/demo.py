@@ -56,7 +56,7 @@ class DemoSettings:
     pref_samples: int = 12         # responses per prompt; pairs are formed within a prompt
     pref_margin: float = 0.5       # minimum gold difference for a pair to count as a clear preference
     # 0.3 gives 2.2x the pairs from the same samples and a proxy closer to VADER, but PPO gained no more gold
-    # with it in our runs and its reward model trains 2.3x longer: the first run would pass 10 minutes
+    # per nat of KL with it in our runs and its reward model trains 2.3x longer: the first run would pass 10 minutes
     pref_max_new_tokens: int = 20
     reward: dict = field(default_factory=lambda: dict(
         batch_size=32, epochs=1.0, learning_rate=1e-3, max_length=64, eval_fraction=0.15, eval_every=100,
