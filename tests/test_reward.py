@@ -17,7 +17,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from tether.config import RewardConfig, config_from_dict
 from tether.data import DataError, tokenize_prompts
 from tether.data import left_pad
-from tether.algo import append_missing_eos, last_token_index
+from tether.algo import append_missing_eos, last_token_index, pairwise_loss
 from tether.metrics import REWARD_METRIC_NAMES
 from tether.models import (
     eos_token_ids,
@@ -365,6 +365,55 @@ def test_accumulation_does_not_change_the_update(tiny_dirs, pair_files, tmp_path
     assert (one.model.score.weight - start).abs().max() > 1e-4  # the step happened
     for (name, p1), (_, p8) in zip(one.model.named_parameters(), eight.model.named_parameters()):
         assert torch.allclose(p1, p8, rtol=1e-7, atol=1e-10), name
+
+
+def ranked_rows(prompts=6):
+    """InstructGPT-style data: 4 ranked responses per prompt, all 6 pairs of each (shared responses)."""
+    ranked = [" great day.", " good day.", " bad day.", " awful day."]
+    return [{"prompt": row["prompt"], "chosen": ranked[i], "rejected": ranked[j]}
+            for row in preference_rows()[:prompts] for i in range(4) for j in range(i + 1, 4)]
+
+
+def test_shared_responses_are_scored_once_with_the_same_loss_and_gradient(tiny_dirs, pair_files, tmp_path):
+    """Scoring each distinct sequence once must not change the batch's loss, stats or gradient."""
+    trainer = make_trainer(tiny_dirs, pair_files, tmp_path, torch.float64, batch_size=36)
+    pairs, _ = encode_preference_pairs(ranked_rows(), load_tokenizer(trainer.cfg.model), trainer.cfg)
+    trainer.train_pairs = pairs
+    scored_rows = []
+    hook = trainer.model.score.register_forward_hook(lambda m, args, out: scored_rows.append(args[0].shape[0]))
+    stats = trainer.accumulate_gradients(list(range(36)))
+    hook.remove()
+    assert scored_rows == [24]  # 6 prompts x 4 responses, not 36 pairs x 2
+    fast = {name: p.grad.clone() for name, p in trainer.model.named_parameters() if p.grad is not None}
+
+    # Reference: every pair's two sequences scored separately, as without sharing.
+    trainer.model.zero_grad(set_to_none=True)
+    input_ids, attention_mask = right_pad(pairs.chosen + pairs.rejected, trainer.pad_id)
+    scores = reward_model_forward(trainer.model, input_ids, attention_mask)
+    loss, ref_stats = pairwise_loss(scores[:36], scores[36:])
+    loss.backward()
+    assert stats["train/loss"] == pytest.approx(ref_stats["loss"].item(), rel=1e-9)
+    assert stats["train/accuracy"] == pytest.approx(ref_stats["accuracy"].item())
+    for name, p in trainer.model.named_parameters():
+        if p.grad is not None:
+            assert torch.allclose(fast[name], p.grad, rtol=1e-7, atol=1e-12), name
+
+
+def test_batch_by_prompt_keeps_each_prompts_pairs_together_and_covers_every_pair(tiny_dirs, pair_files, tmp_path):
+    trainer = make_trainer(tiny_dirs, pair_files, tmp_path, batch_size=12, batch_by_prompt=True)
+    pairs, _ = encode_preference_pairs(ranked_rows(), load_tokenizer(trainer.cfg.model), trainer.cfg)
+    trainer.train_pairs = pairs
+    first, second = trainer.epoch_order(), trainer.epoch_order()
+    for order in (first, second):
+        assert sorted(order) == list(range(36))  # every pair once per epoch
+        keys = [pairs.prompt_keys[i] for i in order]
+        runs = [k for i, k in enumerate(keys) if i == 0 or k != keys[i - 1]]
+        assert len(runs) == 6  # each prompt's 6 pairs adjacent: a batch of 12 holds two whole prompts
+    assert first != second  # prompts and pairs reshuffled every epoch
+    plain = make_trainer(tiny_dirs, pair_files, tmp_path, batch_size=12)
+    plain.train_pairs = pairs
+    keys = [pairs.prompt_keys[i] for i in plain.epoch_order()]
+    assert len([k for i, k in enumerate(keys) if i == 0 or k != keys[i - 1]]) > 6  # the default mixes prompts
 
 
 def test_non_finite_loss_raises_before_any_step(tiny_dirs, pair_files, tmp_path):

@@ -404,6 +404,7 @@ class RewardConfig:
     batch_size: int = opt(32, "Pairs per optimizer step.")
     gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.")
     epochs: float = opt(1.0, "Passes over the training pairs.")
+    batch_by_prompt: bool = opt(False, "Keep each prompt's pairs in the same batch (InstructGPT): a response shared by several pairs is scored once, so K ranked responses cost K forward passes, not K(K-1).")
     learning_rate: float = opt(1e-4, "Peak learning rate.")
     lr_schedule: Literal["constant", "linear", "cosine"] = opt("linear", "Schedule after warmup.")
     warmup_steps: int = opt(0, "Linear warmup steps.")

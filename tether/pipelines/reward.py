@@ -49,6 +49,7 @@ from tether.trainers.reward import (
     final_norm,
     init_score_head,
     normalize_reward_head,
+    prompt_groups,
     sample_policy_sequences,
     score_head,
     score_sequences,
@@ -258,10 +259,8 @@ def split_by_prompt(pairs: PreferencePairs, fraction: float, seed: int) -> tuple
     if fraction <= 0:
         return pairs, empty
     target = max(1, round(fraction * len(pairs)))
-    groups: dict[str, list[int]] = {}
-    for index, key in enumerate(pairs.prompt_keys or map(str, range(len(pairs)))):
-        groups.setdefault(key, []).append(index)
-    units = list(groups.values()) if len(groups) > 1 else [[i] for i in range(len(pairs))]
+    groups = prompt_groups(pairs)
+    units = groups if len(groups) > 1 else [[i] for i in range(len(pairs))]
     generator = torch.Generator().manual_seed(seed)
     eval_indices: list[int] = []
     for unit in torch.randperm(len(units), generator=generator).tolist():

@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "PreferencePairs",
+    "prompt_groups",
+    "distinct_sequences",
     "RewardTrainer",
     "reward_model_forward",
     "score_head",
@@ -85,6 +87,21 @@ class PreferencePairs:
     def select(self, indices: Sequence[int]) -> "PreferencePairs":
         return PreferencePairs([self.chosen[i] for i in indices], [self.rejected[i] for i in indices],
                                [self.prompt_keys[i] for i in indices] if self.prompt_keys else [])
+
+
+def prompt_groups(pairs: PreferencePairs) -> list[list[int]]:
+    """Pair indices grouped by prompt, in order of first appearance (each pair alone without keys)."""
+    groups: dict[str, list[int]] = {}
+    for index, key in enumerate(pairs.prompt_keys or map(str, range(len(pairs)))):
+        groups.setdefault(key, []).append(index)
+    return list(groups.values())
+
+
+def distinct_sequences(sequences: Sequence[Sequence[int]]) -> tuple[list[list[int]], list[int]]:
+    """The distinct sequences in order of first appearance, and each input's index among them."""
+    position: dict[tuple[int, ...], int] = {}
+    where = [position.setdefault(tuple(seq), len(position)) for seq in sequences]
+    return [list(seq) for seq in position], where
 
 
 # --- model helpers --------------------------------------------------------------------
@@ -178,11 +195,23 @@ class RewardTrainer:
         indices: list[int] = []
         while len(indices) < count:
             if not self._order:
-                self._order = torch.randperm(len(self.train_pairs), generator=self.generator).tolist()
+                self._order = self.epoch_order()
             take = min(count - len(indices), len(self._order))
             indices += self._order[:take]
             self._order = self._order[take:]
         return indices
+
+    def epoch_order(self) -> list[int]:
+        """One epoch's pair order: a seeded permutation, or with ``batch_by_prompt`` shuffled prompts
+        whose pairs stay adjacent, so a batch holds whole prompts and scores their responses once."""
+        if not self.cfg.batch_by_prompt:
+            return torch.randperm(len(self.train_pairs), generator=self.generator).tolist()
+        groups = prompt_groups(self.train_pairs)
+        order: list[int] = []
+        for group in torch.randperm(len(groups), generator=self.generator).tolist():
+            members = groups[group]
+            order += [members[i] for i in torch.randperm(len(members), generator=self.generator).tolist()]
+        return order
 
     # --- optimisation --------------------------------------------------------------
 
@@ -216,9 +245,15 @@ class RewardTrainer:
         return {f"train/{k}": v for k, v in totals.items()}
 
     def pair_scores(self, pairs: PreferencePairs) -> tuple[Tensor, Tensor]:
-        """(N,) chosen and (N,) rejected scores from one padded forward pass over both."""
-        input_ids, attention_mask = right_pad(pairs.chosen + pairs.rejected, self.pad_id)  # (2N, L)
+        """(N,) chosen and (N,) rejected scores from one padded forward pass over both.
+
+        A sequence shared by several pairs (K ranked responses to one prompt give up to K(K-1)/2
+        pairs) is scored once; with dropout off its gradient is the same as scoring every copy.
+        """
+        unique, where = distinct_sequences(pairs.chosen + pairs.rejected)
+        input_ids, attention_mask = right_pad(unique, self.pad_id)  # (U, L), U <= 2N
         scores = reward_model_forward(self.model, input_ids.to(self.device), attention_mask.to(self.device))
+        scores = scores[torch.tensor(where, device=scores.device)]  # (2N,)
         return scores[: len(pairs)], scores[len(pairs):]
 
     def _clip_and_step(self) -> float:
