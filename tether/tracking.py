@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -80,6 +82,24 @@ class Tracker:
     def close(self) -> None:
         for sink in self.sinks:
             sink.close()
+
+
+_SINK_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+def check_sink_packages(log_with: list[str]) -> None:
+    """Fail before any model is loaded when a requested sink's package is missing."""
+    for sink in log_with:
+        package = _SINK_PACKAGES.get(sink)
+        if package and not _installed(package):
+            raise ImportError(f"log_with={sink} needs `pip install {package}` (or `pip install tether[{sink}]`); "
+                              f"or drop {sink!r} from log_with — metrics.jsonl is always written")
+
+
+def _installed(package: str) -> bool:
+    if package in sys.modules:  # imported already (None marks a failed import)
+        return sys.modules[package] is not None
+    return importlib.util.find_spec(package) is not None
 
 
 def make_tracker(run_dir: Path, log_with: list[str], project: str = "tether", config: dict | None = None) -> Tracker:

@@ -27,7 +27,7 @@ from tether.models import (
     torch_dtype,
 )
 from tether.rewards import ModelReward, load_reward_fn, reward_eos
-from tether.tracking import make_tracker
+from tether.tracking import check_sink_packages, make_tracker
 from tether.trainers.ppo import PPOTrainer
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ def build_ppo_trainer(cfg: PPOConfig) -> PPOTrainer:
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.policy)
     prompts = load_prompts(cfg, tokenizer)
     reward_fn = load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None  # import errors before loading models
+    check_sink_packages(cfg.log_with)
     ptx_blocks = None
     if cfg.ptx_data:
         ptx_blocks = pack_texts(load_texts(cfg.ptx_data, cfg.ptx_field), tokenizer, cfg.ptx_block_size)
