@@ -26,6 +26,18 @@ def test_docs_metrics_md_is_generated_from_the_metric_table():
         assert f"`{name}`" in render_markdown()
 
 
+
+def test_metrics_doc_says_which_option_turns_a_metric_on_and_on_which_rows_it_appears():
+    rows = {line.split(" | ")[0]: line.split(" | ")[-1] for line in render_markdown().splitlines()
+            if line.startswith("| `")}
+    assert rows["| `eval/gold`"] == ("`eval_prompts` and `gold_reward_fn` are set; update 0, every `eval_every` "
+                                    "updates and the last |")
+    assert rows["| `reward/score`"] == "always |"
+    # The reward model's and SFT's conditional rows name a schedule, not an option.
+    assert rows["| `eval/accuracy`"] == "eval_every step / the end |"
+    assert rows["| `train/steps`"] == "the last row |"
+
+
 def test_cli_ppo_run_as_a_user_types_it(tiny_dirs, tmp_path):
     config = tmp_path / "ppo.yaml"
     values = base_overrides(tiny_dirs, tmp_path, total_updates=2)

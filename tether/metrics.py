@@ -14,8 +14,12 @@ class Metric:
     name: str
     meaning: str
     healthy: str
-    only_with: str = ""  # the option that turns this metric on; "" = always logged
+    only_with: str = ""  # the option(s) that turn this metric on, joined by " + "; "" = always logged
+    logged_when: str = ""  # the rows it appears on when not every row, e.g. "the last row"
 
+
+_EVAL_ROWS = "update 0, every `eval_every` updates and the last"
+_EVAL_STEPS = "eval_every step / the end"
 
 PPO_METRICS: tuple[Metric, ...] = (
     Metric("reward/score", "Mean sequence score from the reward model or function, after missing-EOS penalty, "
@@ -79,14 +83,14 @@ PPO_METRICS: tuple[Metric, ...] = (
            "optimises directly.", "Rises with `reward/score`. Proxy rising while gold falls is reward-model "
            "over-optimisation (Gao et al. 2022): stop earlier or raise `kl_coef`.", "gold_reward_fn"),
     Metric("eval/score", "Mean proxy score on the fixed held-out prompts (logged at update 0, every "
-           "`eval_every` updates and at the end).", "Rises.", "eval_prompts"),
+           "`eval_every` updates and at the end).", "Rises.", "eval_prompts", _EVAL_ROWS),
     Metric("eval/gold", "Mean gold score on the fixed held-out prompts.", "Rises; the honest measure of progress.",
-           "eval_prompts + gold_reward_fn"),
+           "eval_prompts + gold_reward_fn", _EVAL_ROWS),
     Metric("eval/kl", "Mean summed KL (k1) to the reference per held-out response.",
-           "Grows slowly; the x axis of the over-optimisation plot.", "eval_prompts"),
+           "Grows slowly; the x axis of the over-optimisation plot.", "eval_prompts", _EVAL_ROWS),
     Metric("eval/distinct_2", "Distinct-2 of the held-out responses.", "Close to its update-0 value.",
-           "eval_prompts"),
-    Metric("eval/length", "Mean held-out response length in tokens.", "Stable.", "eval_prompts"),
+           "eval_prompts", _EVAL_ROWS),
+    Metric("eval/length", "Mean held-out response length in tokens.", "Stable.", "eval_prompts", _EVAL_ROWS),
 )
 
 PPO_METRIC_NAMES: frozenset[str] = frozenset(m.name for m in PPO_METRICS)
@@ -100,12 +104,12 @@ SFT_METRICS: tuple[Metric, ...] = (
            "Stable after the first steps; spikes precede loss spikes."),
     Metric("train/lr", "Learning rate after this step.", "Follows warmup then the configured schedule."),
     Metric("eval/loss", "Held-out LM loss over every eval block, nats per token.",
-           "Falls with `train/loss`; a widening gap to it is overfitting.", "eval_every step / the end"),
+           "Falls with `train/loss`; a widening gap to it is overfitting.", logged_when=_EVAL_STEPS),
     Metric("eval/perplexity", "exp(`eval/loss`).", "Falls; the figure reported as the SFT model's quality.",
-           "eval_every step / the end"),
+           logged_when=_EVAL_STEPS),
     Metric("train/steps", "Optimizer steps taken (fewer than max_steps when max_seconds ran out).",
-           "Equal to max_steps unless a compute budget was set.", "the last row"),
-    Metric("time/train_s", "Seconds spent training.", "Within the budget you set.", "the last row"),
+           "Equal to max_steps unless a compute budget was set.", logged_when="the last row"),
+    Metric("time/train_s", "Seconds spent training.", "Within the budget you set.", logged_when="the last row"),
 )
 
 REWARD_METRICS: tuple[Metric, ...] = (
@@ -118,14 +122,14 @@ REWARD_METRICS: tuple[Metric, ...] = (
     Metric("train/lr", "Learning rate used by this step.", "Follows the configured schedule."),
     Metric("train/epoch", "Passes over the training pairs so far.", "Reaches `epochs` at the end."),
     Metric("eval/loss", "Bradley-Terry loss on the held-out pairs.", "Falls, then flattens; rising is overfitting.",
-           "eval_every step / the end"),
+           logged_when=_EVAL_STEPS),
     Metric("eval/accuracy", "Held-out pairwise accuracy: the reward model's quality figure.",
-           "Well above 0.5; 0.65–0.75 is typical for human preference data.", "eval_every step / the end"),
-    Metric("eval/margin", "Mean held-out r_chosen − r_rejected.", "Positive.", "eval_every step / the end"),
+           "Well above 0.5; 0.65–0.75 is typical for human preference data.", logged_when=_EVAL_STEPS),
+    Metric("eval/margin", "Mean held-out r_chosen − r_rejected.", "Positive.", logged_when=_EVAL_STEPS),
     Metric("eval/score_mean", "Mean score over held-out chosen and rejected responses.",
            "Anything: only differences matter (normalisation fixes the scale afterwards).",
-           "eval_every step / the end"),
-    Metric("eval/score_std", "Standard deviation of those scores.", "Non-zero.", "eval_every step / the end"),
+           logged_when=_EVAL_STEPS),
+    Metric("eval/score_std", "Standard deviation of those scores.", "Non-zero.", logged_when=_EVAL_STEPS),
 )
 
 SFT_METRIC_NAMES: frozenset[str] = frozenset(m.name for m in SFT_METRICS)
@@ -148,7 +152,7 @@ def render_markdown() -> str:
         lines += ["", f"## {title}", "", "| metric | what it means | what healthy looks like | logged when |",
                   "| --- | --- | --- | --- |"]
         for m in table:
-            when = _when(m, table is PPO_METRICS)
+            when = _when(m)
             lines.append(f"| `{m.name}` | {m.meaning} | {m.healthy} | {when} |")
     lines += ["", "`tether reward` writes its normalisation statistics (`normalize/mean_before`, `normalize/std_before`,",
               "`normalize/mean_after`, `normalize/std_after`, `normalize/samples`) to `summary.json`, not to",
@@ -156,10 +160,14 @@ def render_markdown() -> str:
     return "\n".join(lines) + "\n"
 
 
-def _when(m: Metric, is_option: bool) -> str:
-    if not m.only_with:
-        return "always"
-    return f"`{m.only_with}` is set" if is_option else m.only_with
+def _when(m: Metric) -> str:
+    parts = []
+    if m.only_with:
+        options = m.only_with.split(" + ")
+        parts.append(" and ".join(f"`{o}`" for o in options) + (" are set" if len(options) > 1 else " is set"))
+    if m.logged_when:
+        parts.append(m.logged_when)
+    return "; ".join(parts) or "always"
 
 
 if __name__ == "__main__":
