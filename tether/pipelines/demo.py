@@ -66,7 +66,7 @@ class DemoSettings:
         learning_rate=1e-4, critic_learning_rate=1e-3, kl_coef=0.10, entropy_coef=0.06, temperature=0.7,
         ptx_coef=1.0, ptx_batch_size=4, ptx_block_size=32, eval_every=16,
         eval_max_prompts=256, sample_every=10, num_samples=8, missing_eos_penalty=None, vf_coef=0.5))
-    # kl_coef 0.10 keeps distinct-2 at 81-84% of SFT's; 0.09 gave +0.05 gold but 80.0-80.3%, on the bound
+    # kl_coef 0.10 keeps distinct-2 at 81-84% of SFT's; 0.09 gained up to +0.06 gold but left it at 80.0-80.3%
     ppo_ptx: bool = True           # PPO-ptx on the SFT text keeps the policy's language from collapsing
 
     @classmethod
