@@ -2,8 +2,9 @@
 
 One optimizer step, top to bottom:
   1. batch      the next ``batch_size`` pairs of a seeded shuffled stream over the epochs
-  2. forward    chosen and rejected sequences in one padded forward pass per micro-batch;
-                the score is read at the last real token (N-details item 5)
+                (with ``batch_by_prompt``: shuffled prompts, each prompt's pairs kept together)
+  2. forward    chosen and rejected sequences in one padded forward pass per micro-batch, each
+                distinct sequence once; the score is read at the last real token (N-details item 5)
   3. loss       ``-log σ(r_c - r_r)`` summed and divided by the pairs in the *whole* batch,
                 so ``gradient_accumulation_steps`` micro-batches give exactly one batch's gradient
   4. step       a non-finite loss or gradient norm raises before anything reaches the weights;
