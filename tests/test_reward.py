@@ -416,6 +416,15 @@ def test_batch_by_prompt_keeps_each_prompts_pairs_together_and_covers_every_pair
     assert len([k for i, k in enumerate(keys) if i == 0 or k != keys[i - 1]]) > 6  # the default mixes prompts
 
 
+def test_batch_by_prompt_run_learns_a_ranking(tiny_dirs, pair_files, tmp_path):
+    """Through run_reward as a user runs it: grouped batches still learn great > good > bad > awful."""
+    data = write_jsonl(tmp_path / "ranked.jsonl", ranked_rows(prompts=24))
+    summary = run_reward(reward_cfg(tiny_dirs, pair_files, tmp_path / "run", data=str(data), eval_data=None,
+                                    eval_fraction=0.25, batch_by_prompt=True, batch_size=12))
+    assert summary["eval/pairs"] == 36  # six whole prompts held out
+    assert summary["eval/accuracy"] >= 0.9, summary["eval/accuracy"]
+
+
 def test_non_finite_loss_raises_before_any_step(tiny_dirs, pair_files, tmp_path):
     trainer = make_trainer(tiny_dirs, pair_files, tmp_path, batch_size=4)
     with torch.no_grad():
