@@ -399,6 +399,12 @@ def test_shared_responses_are_scored_once_with_the_same_loss_and_gradient(tiny_d
             assert torch.allclose(fast[name], p.grad, rtol=1e-7, atol=1e-12), name
 
 
+def prompt_runs(pairs, order):
+    """How many runs of equal prompts the order makes: the number of prompts when each stays together."""
+    keys = [pairs.prompt_keys[i] for i in order]
+    return sum(1 for i, key in enumerate(keys) if i == 0 or key != keys[i - 1])
+
+
 def test_batch_by_prompt_keeps_each_prompts_pairs_together_and_covers_every_pair(tiny_dirs, pair_files, tmp_path):
     trainer = make_trainer(tiny_dirs, pair_files, tmp_path, batch_size=12, batch_by_prompt=True)
     pairs, _ = encode_preference_pairs(ranked_rows(), load_tokenizer(trainer.cfg.model), trainer.cfg)
@@ -406,14 +412,11 @@ def test_batch_by_prompt_keeps_each_prompts_pairs_together_and_covers_every_pair
     first, second = trainer.epoch_order(), trainer.epoch_order()
     for order in (first, second):
         assert sorted(order) == list(range(36))  # every pair once per epoch
-        keys = [pairs.prompt_keys[i] for i in order]
-        runs = [k for i, k in enumerate(keys) if i == 0 or k != keys[i - 1]]
-        assert len(runs) == 6  # each prompt's 6 pairs adjacent: a batch of 12 holds two whole prompts
+        assert prompt_runs(pairs, order) == 6  # each prompt's 6 pairs adjacent: a batch of 12 holds two whole prompts
     assert first != second  # prompts and pairs reshuffled every epoch
     plain = make_trainer(tiny_dirs, pair_files, tmp_path, batch_size=12)
     plain.train_pairs = pairs
-    keys = [pairs.prompt_keys[i] for i in plain.epoch_order()]
-    assert len([k for i, k in enumerate(keys) if i == 0 or k != keys[i - 1]]) > 6  # the default mixes prompts
+    assert prompt_runs(pairs, plain.epoch_order()) > 6  # the default mixes prompts
 
 
 def test_batch_by_prompt_run_learns_a_ranking(tiny_dirs, pair_files, tmp_path):

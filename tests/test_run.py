@@ -26,7 +26,6 @@ def test_docs_metrics_md_is_generated_from_the_metric_table():
         assert f"`{name}`" in render_markdown()
 
 
-
 def test_metrics_doc_says_which_option_turns_a_metric_on_and_on_which_rows_it_appears():
     rows = {line.split(" | ")[0]: line.split(" | ")[-1] for line in render_markdown().splitlines()
             if line.startswith("| `")}

@@ -43,7 +43,7 @@ class TensorBoardSink:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as err:
-            raise ImportError("log_with=tensorboard needs `pip install tensorboard` (or `pip install tether[tensorboard]`)") from err
+            raise ImportError(_missing_package("tensorboard")) from err
         self._writer = SummaryWriter(str(log_dir))
 
     def log(self, metrics: dict[str, float], step: int) -> None:
@@ -59,7 +59,7 @@ class WandbSink:
         try:
             import wandb
         except ImportError as err:
-            raise ImportError("log_with=wandb needs `pip install wandb` (or `pip install tether[wandb]`)") from err
+            raise ImportError(_missing_package("wandb")) from err
         self._run = wandb.init(project=project, config=config, dir=str(run_dir))
 
     def log(self, metrics: dict[str, float], step: int) -> None:
@@ -84,16 +84,16 @@ class Tracker:
             sink.close()
 
 
-_SINK_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
-
-
 def check_sink_packages(log_with: list[str]) -> None:
-    """Fail before any model is loaded when a requested sink's package is missing."""
+    """Fail before any model is loaded when a requested sink's package (named like the sink) is missing."""
     for sink in log_with:
-        package = _SINK_PACKAGES.get(sink)
-        if package and not _installed(package):
-            raise ImportError(f"log_with={sink} needs `pip install {package}` (or `pip install tether[{sink}]`); "
-                              f"or drop {sink!r} from log_with — metrics.jsonl is always written")
+        if not _installed(sink):
+            raise ImportError(_missing_package(sink))
+
+
+def _missing_package(sink: str) -> str:
+    return (f"log_with={sink} needs `pip install {sink}` (or `pip install tether[{sink}]`); "
+            f"or drop {sink!r} from log_with — metrics.jsonl is always written")
 
 
 def _installed(package: str) -> bool:
