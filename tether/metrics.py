@@ -14,7 +14,7 @@ class Metric:
     name: str
     meaning: str
     healthy: str
-    only_with: str = ""  # the option(s) that turn this metric on, joined by " + "; "" = always logged
+    only_with: tuple[str, ...] = ()  # the options that must all be set for it to be logged; () = always
     logged_when: str = ""  # the rows it appears on when not every row, e.g. "the last row"
 
 
@@ -81,16 +81,16 @@ PPO_METRICS: tuple[Metric, ...] = (
     Metric("time/update_s", "Seconds for the whole update.", "Stable."),
     Metric("gold/score", "Mean score of the same rollout responses under the gold scorer, which PPO never "
            "optimises directly.", "Rises with `reward/score`. Proxy rising while gold falls is reward-model "
-           "over-optimisation (Gao et al. 2022): stop earlier or raise `kl_coef`.", "gold_reward_fn"),
+           "over-optimisation (Gao et al. 2022): stop earlier or raise `kl_coef`.", ("gold_reward_fn",)),
     Metric("eval/score", "Mean proxy score on the fixed held-out prompts (logged at update 0, every "
-           "`eval_every` updates and at the end).", "Rises.", "eval_prompts", _EVAL_ROWS),
+           "`eval_every` updates and at the end).", "Rises.", ("eval_prompts",), _EVAL_ROWS),
     Metric("eval/gold", "Mean gold score on the fixed held-out prompts.", "Rises; the honest measure of progress.",
-           "eval_prompts + gold_reward_fn", _EVAL_ROWS),
+           ("eval_prompts", "gold_reward_fn"), _EVAL_ROWS),
     Metric("eval/kl", "Mean summed KL (k1) to the reference per held-out response.",
-           "Grows slowly; the x axis of the over-optimisation plot.", "eval_prompts", _EVAL_ROWS),
+           "Grows slowly; the x axis of the over-optimisation plot.", ("eval_prompts",), _EVAL_ROWS),
     Metric("eval/distinct_2", "Distinct-2 of the held-out responses.", "Close to its update-0 value.",
-           "eval_prompts", _EVAL_ROWS),
-    Metric("eval/length", "Mean held-out response length in tokens.", "Stable.", "eval_prompts", _EVAL_ROWS),
+           ("eval_prompts",), _EVAL_ROWS),
+    Metric("eval/length", "Mean held-out response length in tokens.", "Stable.", ("eval_prompts",), _EVAL_ROWS),
 )
 
 PPO_METRIC_NAMES: frozenset[str] = frozenset(m.name for m in PPO_METRICS)
@@ -163,8 +163,8 @@ def render_markdown() -> str:
 def _when(m: Metric) -> str:
     parts = []
     if m.only_with:
-        options = m.only_with.split(" + ")
-        parts.append(" and ".join(f"`{o}`" for o in options) + (" are set" if len(options) > 1 else " is set"))
+        verb = " are set" if len(m.only_with) > 1 else " is set"
+        parts.append(" and ".join(f"`{o}`" for o in m.only_with) + verb)
     if m.logged_when:
         parts.append(m.logged_when)
     return "; ".join(parts) or "always"
