@@ -75,3 +75,34 @@ def test_second_run_reuses_cached_stages_and_fresh_recomputes(demo_run):
     assert again["time sft (s)"] < 5 and again["time reward (s)"] < 5
     run_demo(run, fresh=True, settings=DemoSettings.small())
     assert sft_weights.stat().st_mtime_ns != stamp
+
+
+def test_a_changed_setting_recomputes_its_stage_and_every_later_one(demo_run, capsys):
+    run, _ = demo_run
+    sft_weights, rm_weights = run / "sft" / "final" / "model.safetensors", run / "reward" / "final" / "model.safetensors"
+    sft_stamp, rm_stamp = sft_weights.stat().st_mtime_ns, rm_weights.stat().st_mtime_ns
+    marker = (run / "preferences.done").read_text()
+    settings = DemoSettings.small()
+    settings.pref_margin = 0.2  # small() uses 0.05
+    capsys.readouterr()
+    run_demo(run, settings=settings)
+    assert "preference pairs: the cached copy came from other settings" in capsys.readouterr().out
+    assert sft_weights.stat().st_mtime_ns == sft_stamp  # SFT's own settings did not change
+    assert (run / "preferences.done").read_text() != marker
+    assert rm_weights.stat().st_mtime_ns != rm_stamp  # trained on the new pairs
+    pairs = [json.loads(line) for line in (run / "preferences.jsonl").read_text().splitlines()]
+    assert pairs and all(p["gold_chosen"] - p["gold_rejected"] >= 0.2 for p in pairs)
+
+
+def test_a_marker_without_recorded_inputs_is_not_trusted(demo_run, capsys):
+    run, _ = demo_run
+    rm_weights = run / "reward" / "final" / "model.safetensors"
+    stamp, marker = rm_weights.stat().st_mtime_ns, (run / "preferences.done").read_text()
+    (run / "reward" / ".done").write_text("")  # what an older tether wrote
+    settings = DemoSettings.small()
+    settings.pref_margin = 0.2  # as the previous test left the cache
+    capsys.readouterr()
+    run_demo(run, settings=settings)
+    assert "reward model: the cached copy came from other settings" in capsys.readouterr().out
+    assert rm_weights.stat().st_mtime_ns != stamp
+    assert (run / "preferences.done").read_text() == marker  # earlier stages stay cached

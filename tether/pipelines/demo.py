@@ -9,7 +9,9 @@
             and gold can be compared against KL (over-optimisation, Gao et al. 2022)
 6. report   report.html with plots, samples and the resolved config
 
-Stages 1-4 are cached in the run directory and reused; `--fresh` recomputes them.
+Stages 1-4 are cached in the run directory and reused; `--fresh` recomputes them. Each
+cached stage records the settings it was computed from and which earlier results it used,
+so a changed setting or a recomputed earlier stage recomputes it too.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import logging
 import random
 import shutil
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -51,7 +54,6 @@ class DemoSettings:
         max_steps=280, max_seconds=150, learning_rate=2e-3, warmup_steps=20, eval_every=100, eval_fraction=0.03))
     # dropout 0.1 (not the scratch default 0): a lower-perplexity SFT without it gave PPO no better gold per nat
     # of KL in our sweeps, and less diversity. 280 steps take ~140 s here; max_seconds caps a slower machine
-    prompt_words: int = 3
     pref_prompts: int = 512
     pref_samples: int = 12         # responses per prompt; pairs are formed within a prompt
     pref_margin: float = 0.5       # minimum gold difference for a pair to count as a clear preference
@@ -103,10 +105,12 @@ def stage_sft(run: Path, files: dict[str, Path], settings: DemoSettings) -> dict
     from tether.pipelines.sft import run_sft
 
     out = run / "sft"
-    if not _done(out):
+    inputs = {"sft": settings.sft}
+    if not _cached("SFT model", out / DONE, inputs):
+        _clear(out)
         cfg = config_from_dict(SFTConfig, dict(settings.sft, data=str(files["sft_text"]), output_dir=str(out)))
         run_sft(cfg)
-        _mark_done(out)
+        _record(out / DONE, inputs)
     return json.loads((out / "summary.json").read_text())
 
 
@@ -115,7 +119,11 @@ def stage_preferences(run: Path, files: dict[str, Path], settings: DemoSettings)
     """Sample the SFT policy, rank by the gold scorer, keep pairs with a clear margin."""
     out = run / "preferences.jsonl"
     stats_file = run / "preferences_stats.json"
-    if out.is_file() and stats_file.is_file():
+    marker = run / "preferences.done"
+    inputs = {"sft": _stage_id(run / "sft" / DONE), "prompts": settings.pref_prompts,
+              "samples": settings.pref_samples, "margin": settings.pref_margin,
+              "max_new_tokens": settings.pref_max_new_tokens, "temperature": settings.ppo["temperature"]}
+    if _cached("preference pairs", marker, inputs):
         return json.loads(stats_file.read_text())
     policy, tokenizer = _load_policy(run / "sft" / "final")
     prompts = [r["prompt"] for r in _read_jsonl(files["prompts"])]
@@ -130,6 +138,7 @@ def stage_preferences(run: Path, files: dict[str, Path], settings: DemoSettings)
     stats = {"preference/prompts": len(prompts), "preference/samples": len(prompts) * settings.pref_samples,
              "preference/pairs": len(pairs)}
     stats_file.write_text(json.dumps(stats))
+    _record(marker, inputs)
     return stats
 
 
@@ -167,13 +176,16 @@ def stage_reward(run: Path, files: dict[str, Path], settings: DemoSettings) -> d
     from tether.pipelines.reward import run_reward
 
     out = run / "reward"
-    if not _done(out):
+    inputs = {"preferences": _stage_id(run / "preferences.done"), "reward": settings.reward,
+              "normalize_temperature": settings.ppo["temperature"]}
+    if not _cached("reward model", out / DONE, inputs):
+        _clear(out)
         cfg = config_from_dict(RewardConfig, dict(
             settings.reward, model=str(run / "sft" / "final"), data=str(run / "preferences.jsonl"),
             output_dir=str(out), normalize_policy=str(run / "sft" / "final"),
             normalize_prompts=str(files["prompts"]), normalize_temperature=settings.ppo["temperature"]))
         run_reward(cfg)
-        _mark_done(out)
+        _record(out / DONE, inputs)
     return json.loads((out / "summary.json").read_text())
 
 
@@ -264,12 +276,35 @@ def _timed(timings: dict, name: str, fn, banner: str):
     return result
 
 
-def _done(path: Path) -> bool:
-    return (path / ".done").is_file()
+DONE = ".done"  # a finished stage's marker: the inputs it was computed from and a fresh id
 
 
-def _mark_done(path: Path) -> None:
-    (path / ".done").write_text("")
+def _cached(stage: str, marker: Path, inputs: dict) -> bool:
+    """True when the stage finished with exactly these inputs; else say why it reruns."""
+    if not marker.is_file():
+        return False
+    try:
+        recorded = json.loads(marker.read_text())["inputs"]
+    except (ValueError, KeyError, TypeError):
+        recorded = None  # a marker from an older tether: its inputs are unknown
+    if recorded == json.loads(json.dumps(inputs)):
+        return True
+    print(f"  {stage}: the cached copy came from other settings or earlier results; recomputing", flush=True)
+    return False
+
+
+def _record(marker: Path, inputs: dict) -> None:
+    # The id changes every time the stage runs, so every later stage sees it was recomputed.
+    marker.write_text(json.dumps({"inputs": inputs, "id": uuid.uuid4().hex}))
+
+
+def _stage_id(marker: Path) -> str:
+    return json.loads(marker.read_text())["id"]
+
+
+def _clear(path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path)
 
 
 def _load_policy(path: Path):
