@@ -90,6 +90,15 @@ def test_cli_reports_config_errors_before_loading_anything(capsys):
     assert "batch_size=7 is not divisible by num_minibatches=2" in capsys.readouterr().err
 
 
+def test_cli_names_an_output_location_that_is_a_file(tmp_path, capsys):
+    occupied = tmp_path / "taken"
+    occupied.write_text("keep me")
+    code = main(["demo", "--output-dir", str(occupied)])
+    assert code == 1
+    assert f"cannot write {occupied}" in capsys.readouterr().err
+    assert occupied.read_text() == "keep me"
+
+
 def test_config_round_trips_through_saved_yaml(tmp_path):
     from tether.config import save_config
 

@@ -89,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"tether: error: {err}", file=sys.stderr)
         return 1
+    except (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as err:
+        # An output location that cannot be written: name it, nothing was lost.
+        print(f"tether: error: cannot write {err.filename}: {err.strerror}; choose an output directory that is "
+              "not a file and that you can write to", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
