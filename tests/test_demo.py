@@ -6,7 +6,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-from tether.pipelines.demo import DemoSettings, margin_pairs, run_demo, vader_compound
+from tether.pipelines.demo import DemoSettings, _clear, margin_pairs, run_demo, vader_compound
 from tether.report import PLOT_NAMES
 
 
@@ -106,3 +106,14 @@ def test_a_marker_without_recorded_inputs_is_not_trusted(demo_run, capsys):
     assert "reward model: the cached copy came from other settings" in capsys.readouterr().out
     assert rm_weights.stat().st_mtime_ns != stamp
     assert (run / "preferences.done").read_text() == marker  # earlier stages stay cached
+
+
+def test_clearing_a_linked_stage_directory_keeps_what_it_points_to(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "model.safetensors").write_text("weights")
+    link = tmp_path / "run" / "sft"
+    link.parent.mkdir()
+    link.symlink_to(elsewhere)
+    _clear(link)
+    assert not link.exists() and (elsewhere / "model.safetensors").read_text() == "weights"

@@ -303,7 +303,9 @@ def _stage_id(marker: Path) -> str:
 
 
 def _clear(path: Path) -> None:
-    if path.exists():
+    if path.is_symlink():
+        path.unlink()  # a linked stage directory: drop the link, never what it points to
+    elif path.exists():
         shutil.rmtree(path)
 
 
