@@ -95,7 +95,7 @@ def test_cli_names_an_output_location_that_is_a_file(tmp_path, capsys):
     occupied.write_text("keep me")
     code = main(["demo", "--output-dir", str(occupied)])
     assert code == 1
-    assert f"cannot write {occupied}" in capsys.readouterr().err
+    assert f"cannot use {occupied}: File exists" in capsys.readouterr().err
     assert occupied.read_text() == "keep me"
 
 

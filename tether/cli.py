@@ -90,9 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tether: error: {err}", file=sys.stderr)
         return 1
     except (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as err:
-        # An output location that cannot be written: name it, nothing was lost.
-        print(f"tether: error: cannot write {err.filename}: {err.strerror}; choose an output directory that is "
-              "not a file and that you can write to", file=sys.stderr)
+        # A path that cannot be used (an output directory that is a file, no permission): name it.
+        print(f"tether: error: cannot use {err.filename}: {err.strerror} (an output directory must not be an "
+              "existing file; check the path and its permissions)", file=sys.stderr)
         return 1
 
 
