@@ -193,8 +193,7 @@ def stage_ppo(run: Path, files: dict[str, Path], settings: DemoSettings):
     from tether.pipelines.ppo import build_ppo_trainer
 
     out = run / "ppo"
-    if out.exists():
-        shutil.rmtree(out)  # PPO is the main job: always rerun
+    _clear(out)  # PPO is the main job: always rerun
     cfg = config_from_dict(PPOConfig, dict(
         settings.ppo, policy=str(run / "sft" / "final"), reward_model=str(run / "reward" / "final"),
         gold_reward_fn="tether.pipelines.demo:vader_compound", prompts=str(files["prompts"]),
