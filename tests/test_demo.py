@@ -6,7 +6,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-from tether.pipelines.demo import DemoSettings, _clear, margin_pairs, run_demo, vader_compound
+from tether.pipelines.demo import DemoSettings, _clear, _empty, margin_pairs, run_demo, vader_compound
 from tether.report import PLOT_NAMES
 
 
@@ -117,3 +117,18 @@ def test_clearing_a_linked_stage_directory_keeps_what_it_points_to(tmp_path):
     link.symlink_to(elsewhere)
     _clear(link)
     assert not link.exists() and (elsewhere / "model.safetensors").read_text() == "weights"
+
+
+def test_fresh_empties_a_linked_run_directory_and_keeps_the_link(tmp_path):
+    target, shared = tmp_path / "disk" / "demo", tmp_path / "shared_weights"
+    (target / "sft").mkdir(parents=True)
+    (target / "summary.json").write_text("{}")
+    shared.mkdir()
+    (shared / "model.safetensors").write_text("weights")
+    (target / "reward").symlink_to(shared)
+    run = tmp_path / "runs_demo"
+    run.symlink_to(target)
+    _empty(run)
+    assert run.is_symlink() and target.is_dir() and not list(target.iterdir())
+    assert (shared / "model.safetensors").read_text() == "weights"
+    _empty(tmp_path / "missing")  # nothing to clear is not an error

@@ -214,8 +214,8 @@ def run_demo(output_dir: str | Path = "runs/demo", fresh: bool = False,
 
     settings = settings or DemoSettings()
     run = Path(output_dir)
-    if fresh and run.exists():
-        shutil.rmtree(run)
+    if fresh:
+        _empty(run)
     run.mkdir(parents=True, exist_ok=True)
     set_threads(0)
     timings, start = {}, time.perf_counter()
@@ -302,10 +302,17 @@ def _stage_id(marker: Path) -> str:
 
 
 def _clear(path: Path) -> None:
-    if path.is_symlink():
+    if path.is_symlink() or path.is_file():
         path.unlink()  # a linked stage directory: drop the link, never what it points to
     elif path.exists():
         shutil.rmtree(path)
+
+
+def _empty(run: Path) -> None:
+    """`--fresh`: remove everything inside the run directory but keep the directory (or the link to it)."""
+    if run.is_dir():
+        for entry in run.iterdir():
+            _clear(entry)
 
 
 def _load_policy(path: Path):
