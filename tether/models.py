@@ -200,19 +200,22 @@ def load_value_model(path: str, dtype: torch.dtype = torch.float32, head_from_re
 
     Initialising from the reward model copies its score head too (N+ details; InstructGPT).
     """
-    backbone = load_backbone(path, dtype)
     head_file = Path(path) / VALUE_HEAD_FILE
-    critic = ValueModel(backbone)
-    if head_file.is_file():
-        from safetensors.torch import load_file
-
-        critic.value_head.load_state_dict(load_file(str(head_file)))
-    elif head_from_reward:
-        score = score_head(load_reward_model(path, dtype))
+    if head_from_reward and not head_file.is_file():
+        # One load gives backbone and score head; loading the backbone alone would report the head as unused.
+        reward_model = load_reward_model(path, dtype)
+        critic = ValueModel(reward_model.base_model)
+        score = score_head(reward_model)
         if score is not None and score.weight.shape[0] == 1:
             critic.value_head.weight.data.copy_(score.weight.data)
             if score.bias is not None:
                 critic.value_head.bias.data.copy_(score.bias.data)
+        return critic.to(dtype)
+    critic = ValueModel(load_backbone(path, dtype))
+    if head_file.is_file():
+        from safetensors.torch import load_file
+
+        critic.value_head.load_state_dict(load_file(str(head_file)))
     return critic.to(dtype)
 
 
