@@ -6,7 +6,8 @@ from html.parser import HTMLParser
 
 import pytest
 
-from tether.pipelines.demo import DemoSettings, _clear, _empty, margin_pairs, run_demo, vader_compound
+from tether.pipelines.demo import (DemoSettings, _clear, _empty, margin_pairs, most_spread_phrase, run_demo,
+                                   vader_compound)
 from tether.report import PLOT_NAMES
 
 
@@ -62,6 +63,14 @@ def test_demo_runs_every_stage_and_writes_a_complete_report(demo_run):
     updates = sorted({s["update"] for s in evals if s["split"] == "eval"})
     assert updates[0] == 0 and updates[-1] == 3
     assert all("gold" in s for s in evals)
+    assert "phrase that spread most (held-out responses)" in html
+
+
+def test_most_spread_phrase_reports_what_the_policy_learned_to_say():
+    before = ["the cat sat.", "a dog ran.", "he went home.", "the United States said no."]
+    after = ["the cat sat in the United States.", "the United States ran.", "he went home.", "the United States."]
+    assert most_spread_phrase(before, after) == '"the united states" in 25% -> 75% of responses'
+    assert most_spread_phrase(before, before).startswith("none")
 
 
 def test_second_run_reuses_cached_stages_and_fresh_recomputes(demo_run):

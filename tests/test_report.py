@@ -224,3 +224,8 @@ def test_importing_the_module_does_not_import_matplotlib():
     code = "import sys, tether.report; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_a_run_where_the_doctor_said_nothing_says_so(full_report):
+    _, _, text = full_report
+    assert 'id="doctor-clear"' in text and 'id="doctor"' not in text

@@ -3,14 +3,45 @@ failure mode shows (reward hacking, a reward that never moves, unstable steps, r
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable, Optional
+
+_WORD = re.compile(r"[a-z0-9']+")
 
 
 def distinct_n(sequences: list[list[int]], n: int = 2) -> float:
     """Unique n-grams / total n-grams over a batch of token sequences (Li et al. 2016); 0 when none."""
     grams = [tuple(seq[i : i + n]) for seq in sequences for i in range(len(seq) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def phrase_shares(texts: list[str], max_words: int = 3) -> dict[str, float]:
+    """Share of texts that contain each word n-gram (1..max_words words, lower-cased)."""
+    counts: dict[str, int] = {}
+    for text in texts:
+        words = _WORD.findall(text.lower())
+        grams = {" ".join(words[i : i + n]) for n in range(1, max_words + 1) for i in range(len(words) - n + 1)}
+        for gram in grams:
+            counts[gram] = counts.get(gram, 0) + 1
+    return {gram: count / len(texts) for gram, count in counts.items()} if texts else {}
+
+
+def spreading_phrases(before: dict[str, float], after: dict[str, float], min_share: float = 0.5,
+                      min_rise: float = 0.3, max_before: float = 1.0, top: int = 3) -> list[tuple[str, float, float]]:
+    """(phrase, share before, share after) for phrases that were in at most `max_before` of the texts
+    and are now in at least `min_share`, a rise of at least `min_rise`; a phrase inside a longer one
+    whose rise explains its own ("the" inside "the united states") is left out."""
+    risen = [(gram, before.get(gram, 0.0), share) for gram, share in after.items()
+             if share >= min_share and share - before.get(gram, 0.0) >= min_rise and before.get(gram, 0.0) <= max_before]
+    kept: list[tuple[str, float, float]] = []
+    for gram, was, now in sorted(risen, key=lambda item: (-len(item[0].split()), -item[2])):
+        inside = any(f" {gram} " in f" {longer} " and now - was <= longer_now - longer_was + 0.1
+                     for longer, longer_was, longer_now in kept)
+        if not inside:
+            kept.append((gram, was, now))
+    kept.sort(key=lambda item: (-(item[2] - item[1]), -len(item[0])))
+    return kept[:top]
 
 
 @dataclass(frozen=True)
@@ -60,12 +91,33 @@ SYMPTOMS = (
 )
 
 
+PHRASE_ADVICE = ("the policy is earning its reward with one phrase, a common form of reward hacking: check whether "
+                 "the reward should pay for it, raise kl_coef or entropy_coef, or add ptx_data")
+
+
 class Doctor:
     """Says each symptom once when it appears, and again only after it has cleared."""
 
     def __init__(self, cfg: Optional[object] = None):
         self.history: list[dict] = []
         self.active: set[str] = set()
+        self.first_shares: Optional[dict[str, float]] = None
+        self.named_phrases: set[str] = set()
+
+    def check_phrases(self, update: int, responses: list[str]) -> list[str]:
+        """Names a phrase that has spread from few responses (≤ 10%) to most of them, once: a phrase
+        that overlaps one already named ("united" after "the united states") is the same habit."""
+        shares = phrase_shares(responses)
+        if self.first_shares is None:
+            self.first_shares = shares
+            return []
+        messages = []
+        for phrase, was, now in spreading_phrases(self.first_shares, shares, max_before=0.1):
+            if not any(f" {phrase} " in f" {named} " or f" {named} " in f" {phrase} " for named in self.named_phrases):
+                self.named_phrases.add(phrase)
+                messages.append(f"update {update}: phrase_spreading: \"{phrase}\" is in {now:.0%} of responses "
+                                f"({was:.0%} at the start): {PHRASE_ADVICE}")
+        return messages
 
     def check(self, update: int, metrics: dict) -> list[str]:
         self.history.append(metrics)

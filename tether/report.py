@@ -62,6 +62,7 @@ class Run:
     samples: list[dict[str, Any]]
     config_text: Optional[str]
     summary: dict[str, Any]
+    doctor: list[dict[str, Any]]  # what the doctor said during the run (doctor.jsonl)
 
 
 def load_run(run_dir: str | Path) -> Run:
@@ -72,12 +73,13 @@ def load_run(run_dir: str | Path) -> Run:
         missing = run_dir if not run_dir.is_dir() else metrics_path
         raise FileNotFoundError(f"{what} not found: {missing}; `tether report` needs a PPO run directory "
                                 "with metrics.jsonl (and samples.jsonl, config.yaml)")
-    samples_path, config_path = run_dir / "samples.jsonl", run_dir / "config.yaml"
+    samples_path, config_path, doctor_path = run_dir / "samples.jsonl", run_dir / "config.yaml", run_dir / "doctor.jsonl"
     raw = _read_jsonl(metrics_path)
     return Run(metrics=_clean_metrics(raw), logged_keys={key for row in raw for key in row},
                samples=_read_jsonl(samples_path) if samples_path.is_file() else [],
                config_text=config_path.read_text() if config_path.is_file() else None,
-               summary=_read_summary(run_dir / "summary.json"))
+               summary=_read_summary(run_dir / "summary.json"),
+               doctor=_read_jsonl(doctor_path) if doctor_path.is_file() else [])
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -409,16 +411,24 @@ def _plots_html(drawn: list, skipped: list) -> str:
                                                    if skipped else "")
 
 
+def doctor_html(said: list[dict]) -> str:
+    if not said:
+        return '<p id="doctor-clear">The doctor saw none of the failure modes it watches for.</p>'
+    items = "".join(f"<li>{html.escape(str(row.get('message', '')))}</li>" for row in said)
+    return f'<ul id="doctor">{items}</ul>'
+
+
 def render_page(title: str, run_dir: Path, summary: list, drawn: list, skipped: list, samples: str,
-                config_text: Optional[str]) -> str:
+                config_text: Optional[str], doctor: str = "") -> str:
     config = (f"<pre>{html.escape(config_text)}</pre>" if config_text is not None
               else "<p>No config.yaml in the run directory.</p>")
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{_CSS}</style></head><body>"
             f'<h1>{html.escape(title)}</h1><p class="muted">{html.escape(str(run_dir))}</p>'
-            '<nav><a href="#summary">summary</a><a href="#plots">plots</a><a href="#samples">samples</a>'
-            '<a href="#config">config</a></nav>'
+            '<nav><a href="#summary">summary</a><a href="#doctor-said">doctor</a><a href="#plots">plots</a>'
+            '<a href="#samples">samples</a><a href="#config">config</a></nav>'
             f'<h2 id="summary">Summary</h2>{_table(summary, "summary-table")}'
+            f'<h2 id="doctor-said">What the doctor said</h2>{doctor}'
             f'<h2 id="plots">Plots</h2>{_plots_html(drawn, skipped)}'
             f'<h2 id="samples">Samples</h2>{samples}'
             f'<h2 id="config">Config</h2>{config}</body></html>\n')
@@ -435,7 +445,7 @@ def build_report(run_dir: str | Path, extra: dict | None = None, title: str = "t
     gold_fit = fit_run_gold(run.metrics)
     drawn, skipped = draw_plots(run.metrics, run.logged_keys, gold_fit, run_dir / "plots")
     page = render_page(title, run_dir, summary_rows(run, extra, gold_fit), drawn, skipped,
-                       samples_html(run.samples), run.config_text)
+                       samples_html(run.samples), run.config_text, doctor_html(run.doctor))
     path = run_dir / "report.html"
     path.write_text(page, encoding="utf-8")
     return path

@@ -228,8 +228,10 @@ def run_demo(output_dir: str | Path = "runs/demo", fresh: bool = False,
                    "3/5 preferences: SFT samples ranked by VADER (the gold scorer)")
     reward = _timed(timings, "reward", lambda: stage_reward(run, files, settings),
                     "4/5 reward model: Bradley-Terry on the preference pairs")
-    _timed(timings, "ppo", lambda: stage_ppo(run, files, settings), "5/5 PPO against the proxy reward model")
+    trainer = _timed(timings, "ppo", lambda: stage_ppo(run, files, settings), "5/5 PPO against the proxy reward model")
     summary = summarize(run / "ppo", sft, prefs, reward, timings, time.perf_counter() - start)
+    summary["phrase that spread most (held-out responses)"] = most_spread_phrase(
+        trainer.first_eval["responses"], trainer.last_eval["responses"])
     build_report(run / "ppo", extra=summary, title="tether demo: SFT -> reward model -> PPO")
     print_summary(summary, run / "ppo" / "report.html")
     (run / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -258,6 +260,17 @@ def summarize(ppo_dir: Path, sft: dict, prefs: dict, reward: dict, timings: dict
     }
     summary.update({f"time {k} (s)": round(v, 1) for k, v in timings.items()})
     return summary
+
+
+def most_spread_phrase(before: list[str], after: list[str]) -> str:
+    """What the policy learned to say: the phrase whose share of responses rose the most."""
+    from tether.doctor import phrase_shares, spreading_phrases
+
+    spread = spreading_phrases(phrase_shares(before), phrase_shares(after), min_share=0.1, min_rise=0.05, top=1)
+    if not spread:
+        return "none (no phrase rose by 5 points to 10% of responses)"
+    phrase, was, now = spread[0]
+    return f'"{phrase}" in {was:.0%} -> {now:.0%} of responses'
 
 
 def print_summary(summary: dict, report: Path) -> None:

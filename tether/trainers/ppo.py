@@ -11,6 +11,7 @@ One update, top to bottom (DESIGN.md §1):
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -125,6 +126,7 @@ class PPOTrainer:
         self.doctor = Doctor(cfg)
         self.gold = gold  # a RewardSource never optimised: measures over-optimisation of the proxy
         self.eval_prompts = eval_prompts
+        self.first_eval: Optional[dict] = None  # held-out responses of the first evaluation (update 0)
         self.update = 0
         self.first_minibatch_stats: dict[str, float] = {}
 
@@ -404,8 +406,7 @@ class PPOTrainer:
             metrics.update(self.evaluate())
         if self.tracker is not None:
             self.tracker.log(metrics, self.update)
-        for warning in self.doctor.check(self.update, metrics):
-            log.warning("doctor: %s", warning)
+        self.say(self.doctor.check(self.update, metrics) + self.doctor.check_phrases(self.update, rollout.responses))
         due = self.update == 1 or self.update == cfg.total_updates or (
             cfg.sample_every and self.update % cfg.sample_every == 0)
         if self.samples is not None and due and cfg.num_samples:
@@ -413,6 +414,14 @@ class PPOTrainer:
             extra = {"gold": self._last_gold[:n].tolist()} if self.gold is not None else {}
             self.samples.write(self.update, rollout.prompts[:n], rollout.responses[:n], raw_scores[:n].tolist(),
                                split=["train"] * len(rollout.prompts[:n]), **extra)
+
+    def say(self, warnings: list[str]) -> None:
+        """The doctor's findings go to the log and to doctor.jsonl, which the report shows."""
+        for warning in warnings:
+            log.warning("doctor: %s", warning)
+            if self.run_dir is not None:
+                with (self.run_dir / "doctor.jsonl").open("a") as f:
+                    f.write(json.dumps({"update": self.update, "message": warning}) + "\n")
 
     # --- held-out evaluation -------------------------------------------------------
 
@@ -446,6 +455,8 @@ class PPOTrainer:
             extra = {"gold": gold[:n].tolist()} if gold is not None else {}
             self.samples.write(self.update, rollout.prompts[:n], rollout.responses[:n], rollout.scores[:n].tolist(),
                                split=["eval"] * n, kl=kl[:n].tolist(), **extra)
+        if self.first_eval is None:
+            self.first_eval = {"update": self.update, "responses": rollout.responses}
         self.last_eval = {"responses": rollout.responses, "prompts": rollout.prompts, "kl": kl.tolist(),
                           "scores": rollout.scores.tolist(), "gold": gold.tolist() if gold is not None else None}
         return metrics
