@@ -1,5 +1,6 @@
-"""The doctor: reads each update's metrics and says what to change when a known PPO
-failure mode shows (reward hacking, a reward that never moves, unstable steps, runaway length)."""
+"""The doctor: reads each update's metrics and responses and says what to change when a known
+PPO failure mode shows (reward hacking, a reward that never moves, unstable steps, runaway
+length, one phrase spreading through the responses)."""
 
 from __future__ import annotations
 
