@@ -28,18 +28,24 @@ def phrase_shares(texts: list[str], max_words: int = 3) -> dict[str, float]:
     return {gram: count / len(texts) for gram, count in counts.items()} if texts else {}
 
 
+def _within(phrase: str, other: str) -> bool:
+    """True when `phrase` is `other` or a run of its whole words."""
+    return f" {phrase} " in f" {other} "
+
+
 def spreading_phrases(before: dict[str, float], after: dict[str, float], min_share: float = 0.5,
                       min_rise: float = 0.3, max_before: float = 1.0, top: int = 3) -> list[tuple[str, float, float]]:
     """(phrase, share before, share after) for phrases that were in at most `max_before` of the texts
     and are now in at least `min_share`, a rise of at least `min_rise`; a phrase inside a longer one
     whose rise explains its own ("the" inside "the united states") is left out."""
-    risen = [(gram, before.get(gram, 0.0), share) for gram, share in after.items()
-             if share >= min_share and share - before.get(gram, 0.0) >= min_rise and before.get(gram, 0.0) <= max_before]
+    risen = [(gram, before.get(gram, 0.0), share) for gram, share in after.items()]
+    risen = [(gram, was, now) for gram, was, now in risen
+             if now >= min_share and now - was >= min_rise and was <= max_before]
     kept: list[tuple[str, float, float]] = []
     for gram, was, now in sorted(risen, key=lambda item: (-len(item[0].split()), -item[2])):
-        inside = any(f" {gram} " in f" {longer} " and now - was <= longer_now - longer_was + 0.1
-                     for longer, longer_was, longer_now in kept)
-        if not inside:
+        explained = any(_within(gram, longer) and now - was <= longer_now - longer_was + 0.1
+                        for longer, longer_was, longer_now in kept)
+        if not explained:
             kept.append((gram, was, now))
     kept.sort(key=lambda item: (-(item[2] - item[1]), -len(item[0])))
     return kept[:top]
@@ -114,7 +120,7 @@ class Doctor:
             return []
         messages = []
         for phrase, was, now in spreading_phrases(self.first_shares, shares, max_before=0.1):
-            if not any(f" {phrase} " in f" {named} " or f" {named} " in f" {phrase} " for named in self.named_phrases):
+            if not any(_within(phrase, named) or _within(named, phrase) for named in self.named_phrases):
                 self.named_phrases.add(phrase)
                 messages.append(f"update {update}: phrase_spreading: \"{phrase}\" is in {now:.0%} of responses "
                                 f"({was:.0%} at the start): {PHRASE_ADVICE}")

@@ -419,7 +419,7 @@ def doctor_html(said: list[dict]) -> str:
 
 
 def render_page(title: str, run_dir: Path, summary: list, drawn: list, skipped: list, samples: str,
-                config_text: Optional[str], doctor: str = "") -> str:
+                config_text: Optional[str], doctor: str) -> str:
     config = (f"<pre>{html.escape(config_text)}</pre>" if config_text is not None
               else "<p>No config.yaml in the run directory.</p>")
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'

@@ -126,7 +126,7 @@ class PPOTrainer:
         self.doctor = Doctor(cfg)
         self.gold = gold  # a RewardSource never optimised: measures over-optimisation of the proxy
         self.eval_prompts = eval_prompts
-        self.first_eval: Optional[dict] = None  # held-out responses of the first evaluation (update 0)
+        self.first_eval: Optional[dict] = None  # the first evaluation (update 0), kept beside last_eval
         self.update = 0
         self.first_minibatch_stats: dict[str, float] = {}
 
@@ -455,10 +455,9 @@ class PPOTrainer:
             extra = {"gold": gold[:n].tolist()} if gold is not None else {}
             self.samples.write(self.update, rollout.prompts[:n], rollout.responses[:n], rollout.scores[:n].tolist(),
                                split=["eval"] * n, kl=kl[:n].tolist(), **extra)
-        if self.first_eval is None:
-            self.first_eval = {"update": self.update, "responses": rollout.responses}
         self.last_eval = {"responses": rollout.responses, "prompts": rollout.prompts, "kl": kl.tolist(),
                           "scores": rollout.scores.tolist(), "gold": gold.tolist() if gold is not None else None}
+        self.first_eval = self.first_eval or self.last_eval
         return metrics
 
 
