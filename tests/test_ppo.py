@@ -56,31 +56,31 @@ def test_accumulation_does_not_change_the_update(tiny_dirs, tmp_path):
     batch = one.make_batch(rollout, rewards)
     stats_one = one.optimise(batch)
     stats_eight = eight.optimise(batch)
-    for (name, p1), (_, p8) in zip(one.policy.named_parameters(), eight.policy.named_parameters()):
+    for (name, p1), (_, p8) in zip(one.roles.policy.named_parameters(), eight.roles.policy.named_parameters()):
         assert torch.allclose(p1, p8, atol=1e-6, rtol=1e-5), name
-    for (name, c1), (_, c8) in zip(one.critic.named_parameters(), eight.critic.named_parameters()):
+    for (name, c1), (_, c8) in zip(one.roles.critic.named_parameters(), eight.roles.critic.named_parameters()):
         assert torch.allclose(c1, c8, atol=1e-6, rtol=1e-5), name
     assert stats_one["policy/loss"] == pytest.approx(stats_eight["policy/loss"], abs=1e-5)
     # the update really moved the weights (the comparison above is not between two no-ops)
-    reference = dict(one.reference.named_parameters())
-    assert any(not torch.equal(p, reference[n]) for n, p in one.policy.named_parameters())
+    reference = dict(one.roles.reference.named_parameters())
+    assert any(not torch.equal(p, reference[n]) for n, p in one.roles.policy.named_parameters())
 
 
 def test_critic_warmup_trains_only_the_critic_then_the_policy(tiny_dirs, tmp_path):
     trainer = make_trainer(tiny_dirs, tmp_path, critic_warmup_updates=2, total_updates=4, ptx_data=str(tiny_dirs["prompts"]),
                            ptx_field="prompt", ptx_block_size=8)
-    policy_start = {n: p.detach().clone() for n, p in trainer.policy.named_parameters()}
-    critic_start = {n: p.detach().clone() for n, p in trainer.critic.named_parameters()}
+    policy_start = {n: p.detach().clone() for n, p in trainer.roles.policy.named_parameters()}
+    critic_start = {n: p.detach().clone() for n, p in trainer.roles.critic.named_parameters()}
     for _ in range(2):
         metrics = trainer.step()
         assert metrics["policy/grad_norm"] == 0.0 and metrics["ptx/loss"] == 0.0
         assert metrics["policy/ratio_max"] == pytest.approx(1.0, abs=1e-5)  # the policy never moved
-    assert all(torch.equal(p, policy_start[n]) for n, p in trainer.policy.named_parameters())
-    assert any(not torch.equal(p, critic_start[n]) for n, p in trainer.critic.named_parameters())
+    assert all(torch.equal(p, policy_start[n]) for n, p in trainer.roles.policy.named_parameters())
+    assert any(not torch.equal(p, critic_start[n]) for n, p in trainer.roles.critic.named_parameters())
     assert trainer.policy_scheduler.last_epoch == 0  # its schedule starts when it starts training
     metrics = trainer.step()
     assert metrics["policy/grad_norm"] > 0 and metrics["ptx/loss"] > 0
-    assert any(not torch.equal(p, policy_start[n]) for n, p in trainer.policy.named_parameters())
+    assert any(not torch.equal(p, policy_start[n]) for n, p in trainer.roles.policy.named_parameters())
     trainer.step()
     assert trainer.policy_scheduler.get_last_lr()[0] == pytest.approx(0.0)  # linear decay ends with the run
 
@@ -205,14 +205,14 @@ def test_reward_model_and_critic_from_it(tiny_dirs, tmp_path):
     from tether.models import load_reward_model
 
     rm = load_reward_model(str(tiny_dirs["reward"]))
-    assert torch.equal(trainer.critic.value_head.weight.data, rm.score.weight.data)
+    assert torch.equal(trainer.roles.critic.value_head.weight.data, rm.score.weight.data)
     metrics = trainer.step()
     assert metrics["reward/score_std"] > 0
     eos = trainer.tokenizer.eos_token_id
-    assert trainer.reward.eos is not None and trainer.reward.eos[1] == eos and eos in trainer.reward.eos[0]
+    assert trainer.roles.reward.eos is not None and trainer.roles.reward.eos[1] == eos and eos in trainer.roles.reward.eos[0]
     as_is = make_trainer(tiny_dirs, tmp_path / "b", reward_fn=None, reward_model=str(tiny_dirs["reward"]),
                          reward_append_eos=False)
-    assert as_is.reward.eos is None
+    assert as_is.roles.reward.eos is None
 
 
 def test_non_finite_reward_is_a_clear_error_and_keeps_earlier_checkpoints(tiny_dirs, tmp_path):

@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from tether.roles import SeparateRoles
+
 from tether.models import (
     ValueModel,
     disable_dropout,
@@ -203,7 +205,7 @@ def test_collect_rollout_chunks_join_like_one_batch(tiny_tokenizer):
     reward = FunctionReward(lambda rs: [float(len(r)) for r in rs])
     ids, mask = left_padded(tiny_tokenizer, ["the cat is good today", "a", "my friend", "our team was"])
     torch.manual_seed(0)
-    rollout = collect_rollout(policy, reference, critic, reward, tiny_tokenizer, ids, mask,
+    rollout = collect_rollout(SeparateRoles(policy, reference, critic, reward), tiny_tokenizer, ids, mask,
                               settings(tiny_tokenizer, max_new_tokens=6), chunk_size=2)
     assert rollout.input_ids.shape[0] == 4
     assert torch.equal(rollout.attention_mask[:, rollout.prompt_length:].bool(), rollout.response_mask)

@@ -77,8 +77,8 @@ def test_tokenizer_without_pad_token_gets_one_and_says_so(tiny_dirs, tmp_path, c
             tiny_dirs, tmp_path, policy=str(policy_dir), reward_fn=f"{REWARDS}:text_length")))
     assert "no dedicated pad token" in caplog.text
     assert trainer.tokenizer.pad_token_id != trainer.tokenizer.eos_token_id
-    assert trainer.policy.get_input_embeddings().num_embeddings == len(trainer.tokenizer)
-    assert trainer.critic.backbone.get_input_embeddings().num_embeddings == len(trainer.tokenizer)
+    assert trainer.roles.policy.get_input_embeddings().num_embeddings == len(trainer.tokenizer)
+    assert trainer.roles.critic.backbone.get_input_embeddings().num_embeddings == len(trainer.tokenizer)
     trainer.step()  # pads are valid ids for every role
 
 

@@ -44,6 +44,13 @@ class PPOConfig:
     device: str = opt("auto", "Device: 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
     gradient_checkpointing: bool = opt(False, "Trade compute for memory in policy and critic.")
 
+    # --- where the four roles live -------------------------------------------
+    placement: Literal["separate", "shared_base"] = opt("separate", "'separate': four models, full fine-tuning. 'shared_base': one copy of the base weights with LoRA adapters (policy adapter; reference = adapters off; critic = second adapter + value head; reward = a LoRA reward model from `tether reward lora_rank=...` on the same base, or any reward_model / reward_fn).")
+    lora_rank: int = opt(0, "LoRA rank of the policy and critic adapters (placement=shared_base; 0 = no LoRA).")
+    lora_alpha: float = opt(32.0, "LoRA alpha (the update is scaled by alpha / rank).")
+    lora_target_modules: list[str] = opt([], "Layer names LoRA wraps; default per architecture (attention and MLP projections).")
+    lora_layers: int = opt(0, "Adapters only on the top N transformer blocks (0 = all). The frozen blocks below are then computed once per rollout and shared by policy, reference, critic and reward in every epoch.")
+
     # --- data ---------------------------------------------------------------
     prompts: str = opt(None, "Prompt data: .jsonl/.json/.csv/.parquet file, a save_to_disk directory or a hub dataset id (required).")
     prompt_field: str = opt("prompt", "Field holding the prompt text or chat messages.")
@@ -161,9 +168,39 @@ class PPOConfig:
             raise ConfigError(f"dual_clip must be > 1, got {self.dual_clip}")
         if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
             raise ConfigError(f"gamma and lam must be in [0, 1], got gamma={self.gamma}, lam={self.lam}")
+        _check_lora(self)
+        if self.placement == "shared_base":
+            if self.lora_rank < 1:
+                raise ConfigError("placement=shared_base trains LoRA adapters on one base: set lora_rank (e.g. 16)")
+            for key in ("reference", "critic"):
+                if getattr(self, key) is not None:
+                    raise ConfigError(f"{key}={getattr(self, key)!r} is a model of its own, but placement=shared_base "
+                                      f"builds the {key} from the policy's base; unset {key}, or use "
+                                      "placement=separate for four separate models")
+        elif self.lora_rank:
+            raise ConfigError("lora_rank is set but placement=separate trains full models; use placement=shared_base "
+                              "for LoRA PPO (policy and critic adapters on one base)")
         unknown = set(self.log_with) - {"tensorboard", "wandb"}
         if unknown:
             raise ConfigError(f"log_with: unknown sink(s) {sorted(unknown)}; allowed: tensorboard, wandb")
+
+
+def _check_lora(cfg: Any) -> None:
+    _non_negative(cfg, "lora_rank", "lora_layers")
+    if cfg.lora_alpha <= 0:
+        raise ConfigError(f"lora_alpha must be > 0, got {cfg.lora_alpha}")
+    if not 0 <= getattr(cfg, "lora_dropout", 0.0) < 1:
+        raise ConfigError(f"lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
+
+
+def lora_settings(cfg: Any):
+    """The LoRA fields of a stage's config as LoraSettings (None when lora_rank is 0)."""
+    from tether.lora import LoraSettings
+
+    if not cfg.lora_rank:
+        return None
+    return LoraSettings(rank=cfg.lora_rank, alpha=cfg.lora_alpha, target_modules=list(cfg.lora_target_modules),
+                        top_layers=cfg.lora_layers, dropout=getattr(cfg, "lora_dropout", 0.0))
 
 
 def _require(cfg: Any, *keys: str) -> None:
@@ -336,6 +373,13 @@ class SFTConfig:
     device: str = opt("auto", "Device: 'auto', 'cpu', 'cuda', ...")
     gradient_checkpointing: bool = opt(False, "Trade compute for memory.")
 
+    # --- LoRA -------------------------------------------------------------------
+    lora_rank: int = opt(0, "Train a LoRA adapter of this rank instead of every weight (0 = full fine-tuning); saved in peft format, `tether export` merges it.")
+    lora_alpha: float = opt(32.0, "LoRA alpha (the update is scaled by alpha / rank).")
+    lora_target_modules: list[str] = opt([], "Layer names LoRA wraps; default per architecture (attention and MLP projections).")
+    lora_layers: int = opt(0, "Adapter only on the top N transformer blocks (0 = all).")
+    lora_dropout: float = opt(0.0, "Dropout on the adapter's input.")
+
     # --- data -----------------------------------------------------------------
     data: str = opt(None, "Training text: .jsonl/.json/.csv/.parquet/.txt file, a save_to_disk dir or a hub id (required).")
     text_field: str = opt("text", "Field holding plain text; records with a 'messages' field are rendered with the chat template.")
@@ -381,6 +425,10 @@ class SFTConfig:
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
         _non_negative(self, "warmup_steps", "num_threads", "weight_decay", "save_every")
+        _check_lora(self)
+        if self.lora_rank and self.init == "scratch":
+            raise ConfigError("lora_rank needs a pretrained model to adapt; with init=scratch train every weight "
+                              "(lora_rank=0)")
 
 
 @dataclass
@@ -390,6 +438,13 @@ class RewardConfig:
     tokenizer: Optional[str] = opt(None, "Tokenizer path; default: the model's.")
     dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "Weights dtype.")
     device: str = opt("auto", "Device: 'auto', 'cpu', 'cuda', ...")
+
+    # --- LoRA -------------------------------------------------------------------
+    lora_rank: int = opt(0, "Train a LoRA adapter of this rank instead of every weight (0 = full fine-tuning); saved in peft format, PPO with placement=shared_base uses it as the reward adapter.")
+    lora_alpha: float = opt(32.0, "LoRA alpha (the update is scaled by alpha / rank).")
+    lora_target_modules: list[str] = opt([], "Layer names LoRA wraps; default per architecture (attention and MLP projections).")
+    lora_layers: int = opt(0, "Adapter only on the top N transformer blocks (0 = all).")
+    lora_dropout: float = opt(0.0, "Dropout on the adapter's input.")
 
     # --- data -----------------------------------------------------------------
     data: str = opt(None, "Preference pairs: file, save_to_disk dir or hub id with prompt/chosen/rejected (required).")
@@ -440,3 +495,4 @@ class RewardConfig:
         if (self.normalize_policy is None) != (self.normalize_prompts is None):
             raise ConfigError("normalize_policy and normalize_prompts go together: set both or neither")
         _non_negative(self, "warmup_steps", "num_threads", "weight_decay")
+        _check_lora(self)

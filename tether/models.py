@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -52,6 +53,12 @@ def ensure_pad_token(tokenizer) -> bool:
     when a token was added: models must then be resized with `resize_for_tokenizer`.
     """
     if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return False
+    unk = tokenizer.unk_token_id
+    if unk is not None and unk != tokenizer.eos_token_id and unk != tokenizer.bos_token_id:
+        # An existing spare special token keeps the embedding matrix (and a shared LoRA base) as saved.
+        tokenizer.pad_token = tokenizer.unk_token
+        log.info("tokenizer had no dedicated pad token; padding with its unk token %r", tokenizer.unk_token)
         return False
     tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     log.warning("tokenizer had no dedicated pad token; added %r (id %d)", PAD_TOKEN, tokenizer.pad_token_id)
@@ -143,6 +150,51 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+# --- frozen lower blocks, computed once for every role ----------------------------
+
+
+@contextmanager
+def capture_block_input(model: nn.Module, index: int):
+    """Yields a dict whose "hidden" becomes the (B, L, H) input of transformer block `index`
+    during the next forward pass of `model`."""
+    from tether.lora import decoder_layers
+
+    captured: dict = {}
+
+    def hook(_module, args, kwargs):
+        captured["hidden"] = (args[0] if args else kwargs["hidden_states"]).detach()
+
+    handle = decoder_layers(model)[index].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def start_at_block(model: nn.Module, index: int, hidden: Tensor):
+    """Run only blocks `index`.. of `model`, fed `hidden` (B, L, H) as their input: blocks below
+    `index` are skipped. Embeddings, positions and the attention mask are still built as usual."""
+    from tether.lora import decoder_layers, layer_list_name
+
+    layers = decoder_layers(model)
+    name = layer_list_name(model)
+    owner = next(m for m in model.modules() if getattr(m, name, None) is layers)
+
+    def hook(_module, args, kwargs):
+        if args:
+            return (hidden,) + tuple(args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    handle = layers[index].register_forward_pre_hook(hook, with_kwargs=True)
+    setattr(owner, name, nn.ModuleList(list(layers)[index:]))
+    try:
+        yield
+    finally:
+        setattr(owner, name, layers)
+        handle.remove()
+
+
 # --- critic -------------------------------------------------------------------
 
 
@@ -201,6 +253,14 @@ def load_value_model(path: str, dtype: torch.dtype = torch.float32, head_from_re
     Initialising from the reward model copies its score head too (N+ details; InstructGPT).
     """
     head_file = Path(path) / VALUE_HEAD_FILE
+    from tether.lora import is_lora_reward_dir
+
+    if head_from_reward and is_lora_reward_dir(path):
+        # A LoRA reward model: its adapter merged into a backbone of the critic's own, its head copied.
+        reward_model = load_reward_model(path, dtype)
+        critic = ValueModel(reward_model.peft.merge_and_unload().base_model)
+        critic.value_head.load_state_dict(reward_model.score.state_dict())
+        return critic.to(dtype)
     if head_from_reward and not head_file.is_file():
         # One load gives backbone and score head; loading the backbone alone would report the head as unused.
         reward_model = load_reward_model(path, dtype)
@@ -223,7 +283,13 @@ def load_value_model(path: str, dtype: torch.dtype = torch.float32, head_from_re
 
 
 def load_reward_model(path: str, dtype: torch.dtype = torch.float32):
+    """A reward model: AutoModelForSequenceClassification with one label, or a LoRA reward model."""
     from transformers import AutoModelForSequenceClassification
+
+    from tether.lora import is_lora_reward_dir, load_lora_reward_model
+
+    if is_lora_reward_dir(path):
+        return load_lora_reward_model(path, dtype)
 
     model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype)
     if model.config.num_labels != 1:

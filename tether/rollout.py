@@ -45,6 +45,7 @@ class Rollout:
     ended: Tensor           # (B,)     True when the response emitted EOS or a stop string
     prompts: list[str]      # decoded prompts (special tokens removed)
     responses: list[str]    # decoded responses (special tokens removed)
+    trunk: Optional[Tensor] = None  # (B, P+R, H) frozen lower blocks' output, shared by every role (shared_base)
 
     @property
     def prompt_length(self) -> int:
@@ -98,7 +99,7 @@ def sample_next_token(logits: Tensor, settings: GenerationSettings) -> Tensor:
     return torch.multinomial(logits.softmax(-1), 1).squeeze(-1)
 
 
-def _accepts(model: nn.Module, name: str) -> bool:
+def accepts(model: nn.Module, name: str) -> bool:
     return name in inspect.signature(model.forward).parameters
 
 
@@ -113,7 +114,7 @@ def sample_responses(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, 
     batch = prompt_ids.shape[0]
     device = prompt_ids.device
     eos = torch.tensor(settings.eos_ids, device=device)
-    keep = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    keep = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}
     mask = prompt_mask.long()
     position = position_ids_from_mask(mask)
     out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=position, use_cache=True, **keep)
@@ -153,7 +154,7 @@ def response_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
                     pad_id: Optional[int] = None) -> Tensor:
     """(B, R, V) logits predicting each response token; only the last R+1 positions go
     through the LM head (`logits_to_keep`), so the full (B, P+R, V) tensor never exists."""
-    keep = {"logits_to_keep": response_length + 1} if _accepts(model, "logits_to_keep") else {}
+    keep = {"logits_to_keep": response_length + 1} if accepts(model, "logits_to_keep") else {}
     out = model(input_ids=input_ids, attention_mask=attention_mask,
                 position_ids=position_ids_from_mask(attention_mask), use_cache=False, **keep)
     logits = out.logits[:, -(response_length + 1) : -1]
@@ -174,39 +175,26 @@ def response_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tenso
     return logprobs, entropy
 
 
-def response_values(critic: nn.Module, input_ids: Tensor, attention_mask: Tensor, response_length: int) -> Tensor:
-    """(B, R) V(s_t): the value at the position that predicts response token t."""
-    values = critic(input_ids, attention_mask)  # (B, P+R)
-    return values[:, -(response_length + 1) : -1]
-
-
 @torch.no_grad()
-def collect_rollout(policy, reference, critic, reward, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor,
-                    settings: GenerationSettings, chunk_size: int = 0) -> Rollout:
-    """1) sample, 2) score with policy, reference, critic and reward — chunk by chunk."""
+def collect_rollout(roles, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, settings: GenerationSettings,
+                    chunk_size: int = 0) -> Rollout:
+    """1) sample from the policy, 2) score with policy, reference, critic and reward — chunk by chunk."""
     size = chunk_size or prompt_ids.shape[0]
-    parts = [
-        _rollout_chunk(policy, reference, critic, reward, tokenizer,
-                       prompt_ids[i : i + size], prompt_mask[i : i + size], settings)
-        for i in range(0, prompt_ids.shape[0], size)
-    ]
+    parts = [_rollout_chunk(roles, tokenizer, prompt_ids[i : i + size], prompt_mask[i : i + size], settings)
+             for i in range(0, prompt_ids.shape[0], size)]
     return parts[0] if len(parts) == 1 else concat_rollouts(parts, settings.pad_id)
 
 
-def _rollout_chunk(policy, reference, critic, reward, tokenizer, prompt_ids, prompt_mask, settings) -> Rollout:
-    response_ids, response_mask, ended = sample_responses(policy, prompt_ids, prompt_mask, settings, tokenizer)
+def _rollout_chunk(roles, tokenizer, prompt_ids, prompt_mask, settings) -> Rollout:
+    response_ids, response_mask, ended = roles.sample(prompt_ids, prompt_mask, settings, tokenizer)
     input_ids = torch.cat([prompt_ids, response_ids], dim=1)
     attention_mask = torch.cat([prompt_mask.long(), response_mask.long()], dim=1)
-    length = response_ids.shape[1]
-    logprobs, _ = response_logprobs(policy, input_ids, attention_mask, length, settings.temperature, settings.pad_id)
-    ref_logprobs, _ = response_logprobs(reference, input_ids, attention_mask, length, settings.temperature,
-                                        settings.pad_id)
-    values = response_values(critic, input_ids, attention_mask, length)
     prompts = tokenizer.batch_decode(prompt_ids, skip_special_tokens=True)
     responses = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
-    scores = reward.score(prompts, responses, input_ids, attention_mask).to(input_ids.device)
-    return Rollout(input_ids, attention_mask, response_mask, logprobs * response_mask, ref_logprobs * response_mask,
-                   values * response_mask, scores, ended, prompts, responses)
+    out = roles.score(input_ids, attention_mask, response_ids.shape[1], settings, prompts, responses)
+    return Rollout(input_ids, attention_mask, response_mask, out.logprobs * response_mask,
+                   out.ref_logprobs * response_mask, out.values * response_mask, out.scores, ended, prompts,
+                   responses, out.trunk)
 
 
 def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
@@ -222,9 +210,20 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
         for name in ("response_mask", "logprobs", "ref_logprobs", "values"):
             fields[name].append(_pad(getattr(p, name), 0, right, 0))
     joined = {k: torch.cat(v) for k, v in fields.items()}
+    trunk = None
+    if parts[0].trunk is not None:  # (B, P+R(+1), H): left-pad to the prompt width, right-pad to the widest
+        width = max(p.trunk.shape[1] + prompt_width - p.prompt_length for p in parts)
+        trunk = torch.cat([_pad_hidden(p.trunk, prompt_width - p.prompt_length, width) for p in parts])
     return Rollout(**joined, scores=torch.cat([p.scores for p in parts]), ended=torch.cat([p.ended for p in parts]),
-                   prompts=sum((p.prompts for p in parts), []), responses=sum((p.responses for p in parts), []))
+                   prompts=sum((p.prompts for p in parts), []), responses=sum((p.responses for p in parts), []),
+                   trunk=trunk)
 
 
 def _pad(x: Tensor, left: int, right: int, value) -> Tensor:
     return torch.nn.functional.pad(x, (left, right), value=value)
+
+
+def _pad_hidden(hidden: Tensor, left: int, width: int) -> Tensor:
+    """(B, L, H) -> (B, width, H) with `left` zero positions in front (masked positions, never read)."""
+    right = width - left - hidden.shape[1]
+    return torch.nn.functional.pad(hidden, (0, 0, left, right))

@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from torch import nn
 
 from tether.checkpoint import seed_everything
-from tether.config import PPOConfig, save_config, config_to_dict
+from tether.config import PPOConfig, config_to_dict, lora_settings, save_config
 from tether.data import load_records, load_texts, pack_texts, tokenize_prompts
 from tether.models import (
     disable_dropout,
@@ -27,6 +28,7 @@ from tether.models import (
     torch_dtype,
 )
 from tether.rewards import ModelReward, load_reward_fn, reward_eos
+from tether.roles import SeparateRoles, SharedBaseRoles
 from tether.tracking import check_sink_packages, make_tracker
 from tether.trainers.ppo import PPOTrainer
 
@@ -64,18 +66,89 @@ def build_ppo_trainer(cfg: PPOConfig) -> PPOTrainer:
         ptx_blocks = pack_texts(load_texts(cfg.ptx_data, cfg.ptx_field), tokenizer, cfg.ptx_block_size)
         log.info("PPO-ptx: %d blocks of %d tokens from %s", len(ptx_blocks), cfg.ptx_block_size, cfg.ptx_data)
 
-    policy = prepare(load_causal_lm(cfg.policy, dtype), tokenizer, device)
-    if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
-    reference = (freeze(prepare(load_causal_lm(cfg.reference, dtype), tokenizer, device)) if cfg.reference
-                 else frozen_copy(policy))
-    reward = reward_fn or load_model_reward(cfg, tokenizer, dtype, device, policy)
-    critic = load_critic(cfg, tokenizer, dtype, device)
+    roles = build_roles(cfg, tokenizer, dtype, device, reward_fn)
     gold = load_reward_fn(cfg.gold_reward_fn) if cfg.gold_reward_fn else None
     eval_prompts = load_prompts(cfg, tokenizer, cfg.eval_prompts)[: cfg.eval_max_prompts] if cfg.eval_prompts else None
     tracker = make_tracker(run_dir, cfg.log_with, cfg.wandb_project, config_to_dict(cfg))
-    return PPOTrainer(cfg, policy, reference, critic, reward, tokenizer, prompts, tracker=tracker,
+    return PPOTrainer(cfg, roles, tokenizer, prompts, tracker=tracker,
                       ptx_blocks=ptx_blocks, run_dir=run_dir, device=device, gold=gold, eval_prompts=eval_prompts)
+
+
+def build_roles(cfg: PPOConfig, tokenizer, dtype, device, reward_fn=None):
+    """The four roles in the configured placement (tether/roles.py)."""
+    if cfg.placement == "shared_base":
+        return build_shared_base_roles(cfg, tokenizer, dtype, device, reward_fn)
+    policy = prepare(load_causal_lm(cfg.policy, dtype), tokenizer, device)
+    if cfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+    if cfg.reference:
+        reference = prepare(load_causal_lm(cfg.reference, dtype), tokenizer, device)
+        check_reference_vocabulary(cfg, tokenizer)
+    else:
+        reference = frozen_copy(policy)
+    reward = reward_fn or load_model_reward(cfg, tokenizer, dtype, device, policy)
+    critic = load_critic(cfg, tokenizer, dtype, device)
+    return SeparateRoles(policy, reference, critic, reward)
+
+
+def check_reference_vocabulary(cfg: PPOConfig, tokenizer) -> None:
+    """A KL between two models means something only over the same token ids."""
+    if not has_tokenizer_files(cfg.reference):
+        return
+    from transformers import AutoTokenizer
+
+    own = AutoTokenizer.from_pretrained(cfg.reference)
+    if not same_vocabulary(own, tokenizer):
+        raise ValueError(f"reference {cfg.reference} has a different tokenizer/vocabulary than the policy "
+                         f"({len(own)} vs {len(tokenizer)} tokens); the KL penalty compares the two models token by "
+                         "token, so the reference must share the policy's vocabulary (e.g. the policy's SFT model)")
+
+
+def build_shared_base_roles(cfg: PPOConfig, tokenizer, dtype, device, reward_fn=None) -> SharedBaseRoles:
+    """One base, LoRA adapters: policy, critic and (from a LoRA reward model) reward."""
+    from tether.lora import (
+        add_adapter,
+        add_adapter_from_dir,
+        add_lora,
+        adapter_base_path,
+        is_adapter_dir,
+        is_lora_reward_dir,
+        load_score_head,
+        require_full_model,
+        same_base,
+    )
+
+    require_full_model(cfg.policy, "policy")
+    base = prepare(load_causal_lm(cfg.policy, dtype), tokenizer, device)
+    if cfg.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    settings = lora_settings(cfg)
+    model = add_lora(base, settings, adapter="policy")
+    hidden = base.config.get_text_config().hidden_size
+    value_head = nn.Linear(hidden, 1).to(device=device, dtype=dtype)
+    nn.init.zeros_(value_head.weight)  # the first values are 0, not noise (N-details item 6)
+    nn.init.zeros_(value_head.bias)
+    reward_head = reward = reward_eos_ids = None
+    if reward_fn is None and is_lora_reward_dir(cfg.reward_model):
+        if not same_base(adapter_base_path(cfg.reward_model), cfg.policy):
+            raise ValueError(f"reward model {cfg.reward_model} is a LoRA adapter on another base "
+                             f"({adapter_base_path(cfg.reward_model)}), not on the policy {cfg.policy}; "
+                             "placement=shared_base needs every adapter on the policy's base: train the reward "
+                             "model on the policy's base, or use placement=separate")
+        add_adapter_from_dir(model, "reward", cfg.reward_model, trainable=False)
+        reward_head = load_score_head(cfg.reward_model, hidden, dtype).to(device)
+        # Critic from the reward model (N+ details; InstructGPT): its adapter and head, then trained.
+        add_adapter_from_dir(model, "critic", cfg.reward_model, trainable=True)
+        value_head.load_state_dict(reward_head.state_dict())
+        reward_eos_ids = reward_eos(tokenizer, base) if cfg.reward_append_eos else None
+    else:
+        if cfg.reward_model and is_adapter_dir(cfg.reward_model):
+            raise ValueError(f"reward model {cfg.reward_model} is a LoRA adapter without a score head "
+                             "(score_head.safetensors); train it with `tether reward lora_rank=...`")
+        reward = reward_fn or load_model_reward(cfg, tokenizer, dtype, device, base)
+        add_adapter(model, "critic", settings)
+    model.set_adapter("policy")
+    return SharedBaseRoles(model, value_head, reward_head, reward, reward_eos_ids)
 
 
 def load_prompts(cfg: PPOConfig, tokenizer, source: Optional[str] = None) -> list[list[int]]:

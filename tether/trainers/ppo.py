@@ -42,19 +42,12 @@ from tether.algo import (
     masked_whiten,
     shape_rewards,
 )
-from tether.checkpoint import save_checkpoint
 from tether.config import PPOConfig
 from tether.data import BlockSampler, PromptSampler, left_pad
 from tether.doctor import Doctor, distinct_n
-from tether.models import eos_token_ids, position_ids_from_mask
-from tether.rollout import (
-    GenerationSettings,
-    Rollout,
-    collect_rollout,
-    response_logits,
-    response_values,
-    select_rows,
-)
+from tether.models import eos_token_ids
+from tether.roles import Roles
+from tether.rollout import GenerationSettings, Rollout, collect_rollout, select_rows
 from tether.tracking import SampleWriter, Tracker
 
 log = logging.getLogger(__name__)
@@ -72,6 +65,7 @@ class PPOBatch:
     old_values: Tensor      # (B, R) V_old
     advantages: Tensor      # (B, R) whitened GAE advantages
     returns: Tensor         # (B, R) advantages (unwhitened) + values
+    trunk: Optional[Tensor] = None  # (B, P+R, H) frozen lower blocks' output from the rollout (shared_base)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -98,19 +92,19 @@ def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
 
 
 class PPOTrainer:
-    """Handed its collaborators; owns the optimizers, the KL controller and the data position."""
+    """Handed its collaborators (the four roles in one `Roles` object, data, sinks); owns the
+    optimizers, the KL controller and the data position."""
 
-    def __init__(self, cfg: PPOConfig, policy: nn.Module, reference: nn.Module, critic: nn.Module, reward,
-                 tokenizer, prompts: list[list[int]], tracker: Optional[Tracker] = None,
-                 ptx_blocks: Optional[Tensor] = None, run_dir: Optional[Path] = None,
-                 device: torch.device = torch.device("cpu"), gold=None,
+    def __init__(self, cfg: PPOConfig, roles: Roles, tokenizer, prompts: list[list[int]],
+                 tracker: Optional[Tracker] = None, ptx_blocks: Optional[Tensor] = None,
+                 run_dir: Optional[Path] = None, device: torch.device = torch.device("cpu"), gold=None,
                  eval_prompts: Optional[list[list[int]]] = None):
-        self.cfg, self.policy, self.reference, self.critic, self.reward = cfg, policy, reference, critic, reward
+        self.cfg, self.roles = cfg, roles
         self.tokenizer, self.prompts, self.tracker, self.device = tokenizer, prompts, tracker, device
         self.run_dir = Path(run_dir) if run_dir else None
         self.samples = SampleWriter(self.run_dir / "samples.jsonl") if self.run_dir else None
         self.settings = GenerationSettings(
-            max_new_tokens=cfg.max_new_tokens, eos_ids=eos_token_ids(tokenizer, policy), pad_id=tokenizer.pad_token_id,
+            max_new_tokens=cfg.max_new_tokens, eos_ids=eos_token_ids(tokenizer, roles.generation_model), pad_id=tokenizer.pad_token_id,
             temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, stop_strings=list(cfg.stop_strings))
         self.kl_controller = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
                               else FixedKLController(cfg.kl_coef))
@@ -120,9 +114,11 @@ class PPOTrainer:
         self.shuffle_generator = torch.Generator().manual_seed(cfg.seed + 2)
         total_steps = cfg.total_updates * cfg.ppo_epochs * cfg.num_minibatches
         policy_steps = (cfg.total_updates - cfg.critic_warmup_updates) * cfg.ppo_epochs * cfg.num_minibatches
-        self.policy_optimizer, self.policy_scheduler = self._optimizer(policy, cfg.learning_rate, policy_steps)
+        # Disjoint parameter lists: one role's step never touches the other's weights or Adam moments.
+        self.policy_optimizer, self.policy_scheduler = self._optimizer(roles.trainable("policy"), cfg.learning_rate,
+                                                                       policy_steps)
         self.critic_optimizer, self.critic_scheduler = self._optimizer(
-            critic, cfg.critic_learning_rate or cfg.learning_rate, total_steps)
+            roles.trainable("critic"), cfg.critic_learning_rate or cfg.learning_rate, total_steps)
         self.doctor = Doctor(cfg)
         self.gold = gold  # a RewardSource never optimised: measures over-optimisation of the proxy
         self.eval_prompts = eval_prompts
@@ -130,8 +126,7 @@ class PPOTrainer:
         self.update = 0
         self.first_minibatch_stats: dict[str, float] = {}
 
-    def _optimizer(self, model: nn.Module, lr: float, total_steps: int):
-        params = [p for p in model.parameters() if p.requires_grad]
+    def _optimizer(self, params: list[nn.Parameter], lr: float, total_steps: int):
         optimizer = torch.optim.AdamW(params, lr=lr, eps=self.cfg.adam_eps, weight_decay=self.cfg.weight_decay)
         schedule = lr_lambda(self.cfg.lr_schedule, self.cfg.warmup_steps, total_steps)
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -180,7 +175,7 @@ class PPOTrainer:
                    "policy_scheduler": self.policy_scheduler.state_dict(),
                    "critic_scheduler": self.critic_scheduler.state_dict(),
                    "torch_rng": torch.get_rng_state(), "shuffle_rng": self.shuffle_generator.get_state()}
-        return save_checkpoint(path, self.policy, self.tokenizer, self.critic, state, tensors)
+        return self.roles.save(path, self.tokenizer, state, tensors)
 
     # --- the update ----------------------------------------------------------------
 
@@ -217,10 +212,8 @@ class PPOTrainer:
 
     def rollout(self, indices: list[int]) -> Rollout:
         prompt_ids, prompt_mask = left_pad([self.prompts[i] for i in indices], self.tokenizer.pad_token_id)
-        self.policy.eval()
-        self.critic.eval()
-        return collect_rollout(self.policy, self.reference, self.critic, self.reward, self.tokenizer,
-                               prompt_ids.to(self.device), prompt_mask.to(self.device), self.settings,
+        self.roles.eval()
+        return collect_rollout(self.roles, self.tokenizer, prompt_ids.to(self.device), prompt_mask.to(self.device), self.settings,
                                self.cfg.rollout_batch_size)
 
     def process_scores(self, rollout: Rollout) -> tuple[Tensor, Tensor]:
@@ -244,15 +237,14 @@ class PPOTrainer:
         if self.cfg.whiten_advantages:
             advantages = masked_whiten(advantages, mask)
         return PPOBatch(rollout.input_ids, rollout.attention_mask, mask, rollout.logprobs, rollout.ref_logprobs,
-                        rollout.values, advantages, returns)
+                        rollout.values, advantages, returns, rollout.trunk)
 
     # --- optimisation --------------------------------------------------------------
 
     def optimise(self, batch: PPOBatch) -> dict[str, float]:
         """Exactly ppo_epochs × num_minibatches optimizer steps (fewer only on a KL early stop)."""
         cfg = self.cfg
-        self.policy.train()
-        self.critic.train()
+        self.roles.train()
         totals: dict[str, list[float]] = defaultdict(list)
         steps, stopped = 0, False
         for _epoch in range(cfg.ppo_epochs):
@@ -297,9 +289,8 @@ class PPOTrainer:
         frozen = self.policy_frozen()
         stats["ptx/loss"] = self.ptx_backward() if self.ptx_sampler is not None and not frozen else 0.0
         stats["policy/grad_norm"] = 0.0 if frozen else self._clip_and_step(
-            self.policy, self.policy_optimizer, self.policy_scheduler, "policy")
-        stats["value/grad_norm"] = self._clip_and_step(self.critic, self.critic_optimizer, self.critic_scheduler,
-                                                       "value")
+            self.policy_optimizer, self.policy_scheduler, "policy")
+        stats["value/grad_norm"] = self._clip_and_step(self.critic_optimizer, self.critic_scheduler, "value")
         return dict(stats)
 
     def policy_frozen(self) -> bool:
@@ -316,7 +307,7 @@ class PPOTrainer:
         if not frozen:
             _check_finite(loss, "policy loss", self.update)
             loss.backward()
-        values = response_values(self.critic, micro.input_ids, micro.attention_mask, length)
+        values = self.roles.values(micro.input_ids, micro.attention_mask, length, micro.trunk)
         v_loss, vs = clipped_value_loss(values, micro.old_values, micro.returns, micro.response_mask,
                                         cfg.value_clip_eps, num_tokens=num_tokens)
         _check_finite(v_loss, "value loss", self.update)
@@ -328,7 +319,8 @@ class PPOTrainer:
         cfg = self.cfg
         mask = micro.response_mask
         length = mask.shape[1]
-        logits = response_logits(self.policy, micro.input_ids, micro.attention_mask, length, self.tokenizer.pad_token_id)
+        logits = self.roles.policy_logits(micro.input_ids, micro.attention_mask, length, self.tokenizer.pad_token_id,
+                                          micro.trunk)
         logprobs = logprobs_from_logits(logits, micro.input_ids[:, -length:], cfg.temperature)
         # PPO eq. 7 (clipped surrogate); ratio is exactly 1 on the first minibatch (N-details item 15).
         loss, pg = clipped_policy_loss(logprobs, micro.old_logprobs, micro.advantages, mask, cfg.clip_eps,
@@ -352,15 +344,14 @@ class PPOTrainer:
         """PPO-ptx (Ouyang et al. 2022 eq. 2): ptx_coef × LM loss on pretraining text, same loss as SFT."""
         blocks = self.ptx_sampler.next_batch(self.cfg.ptx_batch_size).to(self.device)
         mask = torch.ones_like(blocks)
-        logits = self.policy(input_ids=blocks, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                             use_cache=False).logits
+        logits = self.roles.lm_logits(blocks, mask)
         loss, stats = lm_loss(logits, blocks, mask)
         _check_finite(loss, "ptx loss", self.update)
         (self.cfg.ptx_coef * loss).backward()
         return stats["loss"].item()
 
-    def _clip_and_step(self, model: nn.Module, optimizer, scheduler, name: str) -> float:
-        params = [p for p in model.parameters() if p.grad is not None]
+    def _clip_and_step(self, optimizer, scheduler, name: str) -> float:
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm is not None else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item() if params else 0.0
         if not math.isfinite(norm):
@@ -436,10 +427,8 @@ class PPOTrainer:
         """Proxy score, gold score, KL and text health on the fixed held-out prompts."""
         cfg = self.cfg
         prompt_ids, prompt_mask = left_pad(self.eval_prompts, self.tokenizer.pad_token_id)
-        self.policy.eval()
-        self.critic.eval()
-        rollout = collect_rollout(self.policy, self.reference, self.critic, self.reward, self.tokenizer,
-                                  prompt_ids.to(self.device), prompt_mask.to(self.device), self.settings,
+        self.roles.eval()
+        rollout = collect_rollout(self.roles, self.tokenizer, prompt_ids.to(self.device), prompt_mask.to(self.device), self.settings,
                                   cfg.rollout_batch_size or cfg.batch_size)
         mask = rollout.response_mask
         kl = ((rollout.logprobs - rollout.ref_logprobs) * mask).sum(-1)  # k1 summed per response

@@ -1,0 +1,367 @@
+"""The four roles behind one object — policy, reference, critic, reward — whatever their placement.
+
+The trainer and the rollout talk only to a `Roles` object (DESIGN §6), never to raw modules,
+so where the roles live is configuration, not a rewrite:
+
+  SeparateRoles    four models: full fine-tuning of policy and critic (`placement=separate`)
+  SharedBaseRoles  one copy of the base weights with LoRA adapters (`placement=shared_base`):
+                   policy = adapter "policy"; reference = the base with adapters disabled;
+                   critic = adapter "critic" + value head; reward = adapter "reward" + score
+                   head (or a separate reward model or a function)
+
+With adapters only on the top blocks, the blocks below them are the same function for every
+role: SharedBaseRoles runs them once per rollout (the "trunk") and every role, in every PPO
+epoch, starts from that output instead of recomputing it.
+
+Every role is built with dropout off (N-details item 4): a trainer handed models that still
+have dropout would otherwise see a first-minibatch ratio != 1.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from tether.algo import append_missing_eos, last_token_index, logprobs_from_logits
+from tether.checkpoint import save_checkpoint
+from tether.models import (
+    VALUE_HEAD_FILE,
+    capture_block_input,
+    disable_dropout,
+    freeze,
+    last_hidden_state,
+    position_ids_from_mask,
+    start_at_block,
+)
+
+log = logging.getLogger(__name__)
+
+SCORE_HEAD_FILE = "score_head.safetensors"
+
+
+@dataclass
+class SequenceScores:
+    """What the rollout needs from the roles for a batch of prompt+response sequences."""
+
+    logprobs: Tensor         # (B, R) log π_old(a_t|s_t), logits / temperature
+    ref_logprobs: Tensor     # (B, R) log π_ref(a_t|s_t)
+    values: Tensor           # (B, R) V_old(s_t)
+    scores: Tensor           # (B,)   reward per sequence
+    trunk: Optional[Tensor]  # (B, P+R, H) output of the frozen lower blocks, shared by every role; None if not shared
+
+
+class Roles(Protocol):
+    """One object for the four roles; see the module docstring for the placements."""
+
+    generation_model: nn.Module  # the policy as a module that samples (its generation_config names EOS ids)
+
+    def sample(self, prompt_ids: Tensor, prompt_mask: Tensor, settings, tokenizer) -> tuple[Tensor, Tensor, Tensor]:
+        """(response_ids (B, R), response_mask (B, R), ended (B,)) sampled from the policy."""
+        ...
+
+    def score(self, input_ids: Tensor, attention_mask: Tensor, response_length: int, settings,
+              prompts: list[str], responses: list[str]) -> SequenceScores: ...
+
+    def policy_logits(self, input_ids: Tensor, attention_mask: Tensor, response_length: int,
+                      pad_id: Optional[int], trunk: Optional[Tensor] = None) -> Tensor:
+        """(B, R, V) logits predicting each response token, with grad."""
+        ...
+
+    def values(self, input_ids: Tensor, attention_mask: Tensor, response_length: int,
+               trunk: Optional[Tensor] = None) -> Tensor:
+        """(B, R) V(s_t), with grad."""
+        ...
+
+    def lm_logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B, L, V) policy logits over whole texts (PPO-ptx), with grad."""
+        ...
+
+    def trainable(self, role: str) -> list[nn.Parameter]:
+        """The parameters the optimizer of `role` ("policy" | "critic") owns."""
+        ...
+
+    def train(self) -> None: ...
+
+    def eval(self) -> None: ...
+
+    def save(self, path: Path, tokenizer, state: Optional[dict] = None, tensors: Optional[dict] = None) -> Path: ...
+
+
+# --- shared helpers -----------------------------------------------------------------
+
+
+def _lm_forward(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """(B, L, V) logits over whole texts."""
+    return model(input_ids=input_ids, attention_mask=attention_mask,
+                 position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
+
+
+def _parameters(*modules: nn.Module) -> list[nn.Parameter]:
+    return [p for m in modules for p in m.parameters() if p.requires_grad]
+
+
+# --- separate: four models ------------------------------------------------------------
+
+
+class SeparateRoles:
+    """Four models: policy and critic fully trained, reference and reward model frozen."""
+
+    def __init__(self, policy: nn.Module, reference: nn.Module, critic: nn.Module, reward):
+        for model in (policy, reference, critic, getattr(reward, "model", None)):
+            if isinstance(model, nn.Module):
+                disable_dropout(model)
+        self.policy, self.reference, self.critic, self.reward = policy, freeze(reference), critic, reward
+        self.generation_model = policy
+
+    def sample(self, prompt_ids, prompt_mask, settings, tokenizer):
+        from tether.rollout import sample_responses
+
+        return sample_responses(self.policy, prompt_ids, prompt_mask, settings, tokenizer)
+
+    @torch.no_grad()
+    def score(self, input_ids, attention_mask, response_length, settings, prompts, responses) -> SequenceScores:
+        def logprobs(model):
+            logits = self._logits(model, input_ids, attention_mask, response_length, settings.pad_id)
+            return logprobs_from_logits(logits, input_ids[:, -response_length:], settings.temperature)
+
+        scores = self.reward.score(prompts, responses, input_ids, attention_mask).to(input_ids.device)
+        return SequenceScores(logprobs(self.policy), logprobs(self.reference),
+                              self.values(input_ids, attention_mask, response_length), scores, None)
+
+    @staticmethod
+    def _logits(model, input_ids, attention_mask, response_length, pad_id):
+        from tether.rollout import response_logits
+
+        return response_logits(model, input_ids, attention_mask, response_length, pad_id)
+
+    def policy_logits(self, input_ids, attention_mask, response_length, pad_id, trunk=None):
+        return self._logits(self.policy, input_ids, attention_mask, response_length, pad_id)
+
+    def values(self, input_ids, attention_mask, response_length, trunk=None):
+        return self.critic(input_ids, attention_mask)[:, -(response_length + 1) : -1]  # (B, R)
+
+    def lm_logits(self, input_ids, attention_mask):
+        return _lm_forward(self.policy, input_ids, attention_mask)
+
+    def trainable(self, role: str) -> list[nn.Parameter]:
+        return _parameters(self.policy if role == "policy" else self.critic)
+
+    def train(self) -> None:
+        self.policy.train()
+        self.critic.train()
+
+    def eval(self) -> None:
+        self.policy.eval()
+        self.critic.eval()
+
+    def save(self, path, tokenizer, state=None, tensors=None) -> Path:
+        """Policy in plain transformers format at `path`, the critic in `path/critic`."""
+        return save_checkpoint(path, self.policy, tokenizer, self.critic, state, tensors)
+
+
+# --- shared_base: one base, LoRA adapters ----------------------------------------------
+
+
+class _StopForward(Exception):
+    """Raised inside a forward pass once the trunk is captured: the blocks above are not needed."""
+
+
+class SharedBaseRoles:
+    """One base model in a PeftModel with adapters "policy", "critic" and optionally "reward".
+
+    `value_head` (H -> 1) turns the critic adapter's last hidden state into values;
+    `reward_head` (H -> 1, with the bias that holds score normalisation) does the same for
+    the reward adapter at the last real token. `reward` is the RewardSource used when the
+    reward is not an adapter (a separate model or a function); `reward_eos` is the
+    (end ids, EOS id, pad id) with which the reward adapter's inputs are EOS-terminated.
+    """
+
+    def __init__(self, model, value_head: nn.Linear, reward_head: Optional[nn.Linear] = None, reward=None,
+                 reward_eos: Optional[tuple[list[int], int, int]] = None):
+        from tether.lora import adapter_layers
+
+        if (reward_head is None) == (reward is None):
+            raise ValueError("SharedBaseRoles needs exactly one reward: a reward adapter with its head, or a source")
+        self.model, self.value_head, self.reward_head, self.reward = model, value_head, reward_head, reward
+        self.reward_eos = reward_eos
+        disable_dropout(model)  # base dropout and every adapter's lora_dropout (forced to 0 in RL)
+        # The wrapped transformers model, adapters injected: called directly it keeps its own
+        # forward signature (logits_to_keep, cache), and peft's adapter switches still apply.
+        self.causal_lm = model.get_base_model()
+        self.generation_model = self.causal_lm
+        # Which adapters exist decides where the trunk ends: below the lowest adapted block.
+        self.adapters = ["policy", "critic"] + (["reward"] if reward_head is not None else [])
+        lowest = [adapter_layers(model, a) for a in self.adapters]
+        self.trunk_end = 0 if any(x is None for x in lowest) else min(min(x) for x in lowest)
+        if reward_head is not None:
+            reward_head.requires_grad_(False)
+        # peft's set_adapter marks the active adapter trainable and the others frozen; the
+        # trainability of each role is ours to decide, so it is restored after every switch.
+        self._trainable = {id(p): p.requires_grad for p in model.parameters()}
+        for name, p in model.named_parameters():
+            if ".reward." in name:
+                p.requires_grad_(False)
+                self._trainable[id(p)] = False
+        self._params = list(model.parameters())
+
+    # --- switching roles ---
+
+    @contextmanager
+    def role(self, name: str):
+        """Run the block inside as role `name` ("policy" | "critic" | "reward" | "reference")."""
+        if name == "reference":
+            with self.model.disable_adapter():
+                yield
+            return
+        if self.model.active_adapter != name:
+            self.model.set_adapter(name)
+            for p in self._params:
+                p.requires_grad_(self._trainable[id(p)])
+        yield
+
+    def _from_trunk(self, trunk: Optional[Tensor], length: int):
+        """Start at the first adapted block from a trunk that may be wider than this sequence."""
+        if trunk is None or self.trunk_end == 0:
+            return nullcontext()
+        return start_at_block(self.causal_lm, self.trunk_end, trunk[:, :length])
+
+    @torch.no_grad()
+    def compute_trunk(self, input_ids: Tensor, attention_mask: Tensor) -> Optional[Tensor]:
+        """(B, L, H) input of the lowest adapted block; the blocks above it are not run."""
+        if self.trunk_end == 0:
+            return None
+
+        def stop(_module, _args, _kwargs):
+            raise _StopForward
+
+        from tether.lora import decoder_layers
+
+        with self.role("reference"), capture_block_input(self.causal_lm, self.trunk_end) as captured:
+            handle = decoder_layers(self.causal_lm)[self.trunk_end].register_forward_pre_hook(stop, with_kwargs=True)
+            try:
+                last_hidden_state(self.causal_lm.base_model, input_ids, attention_mask)
+            except _StopForward:
+                pass
+            finally:
+                handle.remove()
+        return captured["hidden"]
+
+    # --- the Roles protocol ---
+
+    def sample(self, prompt_ids, prompt_mask, settings, tokenizer):
+        from tether.rollout import sample_responses
+
+        with self.role("policy"):
+            return sample_responses(self.causal_lm, prompt_ids, prompt_mask, settings, tokenizer)
+
+    @torch.no_grad()
+    def score(self, input_ids, attention_mask, response_length, settings, prompts, responses) -> SequenceScores:
+        # The reward adapter reads EOS-terminated texts (as `tether reward` trains it); the
+        # other roles the sequences as sampled. One trunk, of the longer of the two, serves all.
+        reward_ids, reward_mask = input_ids, attention_mask
+        if self.reward_head is not None and self.reward_eos is not None:
+            ends, eos_id, pad_id = self.reward_eos
+            reward_ids, reward_mask = append_missing_eos(input_ids, attention_mask, torch.tensor(ends), eos_id, pad_id)
+        trunk = self.compute_trunk(reward_ids, reward_mask)
+
+        def logprobs(role):
+            with self.role(role):
+                logits = self._logits(input_ids, attention_mask, response_length, settings.pad_id, trunk)
+            return logprobs_from_logits(logits, input_ids[:, -response_length:], settings.temperature)
+
+        policy, reference = logprobs("policy"), logprobs("reference")
+        values = self.values(input_ids, attention_mask, response_length, trunk)
+        if self.reward_head is not None:
+            scores = self.adapter_scores(reward_ids, reward_mask, trunk)
+        else:
+            scores = self.reward.score(prompts, responses, input_ids, attention_mask).to(input_ids.device)
+        return SequenceScores(policy, reference, values, scores, trunk)
+
+    def _logits(self, input_ids, attention_mask, response_length, pad_id, trunk):
+        from tether.rollout import response_logits
+
+        with self._from_trunk(trunk, input_ids.shape[1]):
+            return response_logits(self.causal_lm, input_ids, attention_mask, response_length, pad_id)
+
+    def _hidden(self, role: str, input_ids, attention_mask, trunk) -> Tensor:
+        with self.role(role), self._from_trunk(trunk, input_ids.shape[1]):
+            return last_hidden_state(self.causal_lm.base_model, input_ids, attention_mask)
+
+    def adapter_scores(self, input_ids, attention_mask, trunk=None) -> Tensor:
+        """(B,) reward-adapter scores read at the last real token (N-details item 5)."""
+        hidden = self._hidden("reward", input_ids, attention_mask, trunk)
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
+        scores = self.reward_head(pooled.to(self.reward_head.weight.dtype)).squeeze(-1).float()
+        if not torch.isfinite(scores).all():
+            from tether.rewards import RewardError
+
+            bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
+            raise RewardError(f"reward adapter produced a non-finite score for item {bad[0]}")
+        return scores.cpu().to(input_ids.device)
+
+    def policy_logits(self, input_ids, attention_mask, response_length, pad_id, trunk=None):
+        with self.role("policy"):
+            return self._logits(input_ids, attention_mask, response_length, pad_id, trunk)
+
+    def values(self, input_ids, attention_mask, response_length, trunk=None):
+        hidden = self._hidden("critic", input_ids, attention_mask, trunk)
+        values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()  # (B, L)
+        return values[:, -(response_length + 1) : -1]
+
+    def lm_logits(self, input_ids, attention_mask):
+        with self.role("policy"):
+            return _lm_forward(self.causal_lm, input_ids, attention_mask)
+
+    def trainable(self, role: str) -> list[nn.Parameter]:
+        if role == "policy":
+            return [p for n, p in self.model.named_parameters() if ".policy." in n and self._trainable[id(p)]]
+        adapter = [p for n, p in self.model.named_parameters() if ".critic." in n and self._trainable[id(p)]]
+        return adapter + list(self.value_head.parameters())
+
+    def train(self) -> None:
+        self.model.train()
+        self.value_head.train()
+
+    def eval(self) -> None:
+        self.model.eval()
+        self.value_head.eval()
+
+    def save(self, path, tokenizer, state=None, tensors=None) -> Path:
+        """The policy adapter (peft format) + tokenizer at `path`; the critic adapter and value head in
+        `path/critic`. `tether export` merges the policy adapter into a plain transformers model."""
+        return save_checkpoint(path, _AdapterWriter(self, "policy"), tokenizer, _AdapterWriter(self, "critic"),
+                               state, tensors)
+
+    def load(self, path) -> None:
+        """Policy and critic adapters and the value head from a directory `save` wrote."""
+        from safetensors.torch import load_file
+
+        from tether.lora import load_adapter_weights
+
+        path = Path(path)
+        load_adapter_weights(self.model, "policy", path)
+        load_adapter_weights(self.model, "critic", path / "critic")
+        self.value_head.load_state_dict(load_file(str(path / "critic" / VALUE_HEAD_FILE)))
+
+
+class _AdapterWriter:
+    """What save_checkpoint calls `save_pretrained` on: one adapter (+ the value head for the critic)."""
+
+    def __init__(self, roles: SharedBaseRoles, adapter: str):
+        self.roles, self.adapter = roles, adapter
+
+    def save_pretrained(self, path, **_kwargs) -> None:
+        from safetensors.torch import save_file
+
+        from tether.lora import save_adapter
+
+        save_adapter(self.roles.model, self.adapter, path)
+        if self.adapter == "critic":
+            head = {k: v.detach().contiguous().cpu() for k, v in self.roles.value_head.state_dict().items()}
+            save_file(head, str(Path(path) / VALUE_HEAD_FILE))
