@@ -64,3 +64,4 @@ def text_length(responses):
 
 
 REWARDS = Path(__file__)
+

@@ -1,4 +1,4 @@
-"""Command line: `tether ppo --config FILE [key=value ...]`, `tether demo`."""
+"""Command line: `tether ppo --config FILE [key=value ...]`, `tether export`, `tether demo`."""
 
 from __future__ import annotations
 
@@ -46,6 +46,14 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from tether.lora import export_merged
+
+    path = export_merged(args.adapter_dir, args.output_dir)
+    print(f"merged model: {path} (loads with AutoModelForCausalLM.from_pretrained, no peft needed)")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from tether.pipelines.demo import run_demo
 
@@ -67,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="Rebuild report.html and plots from a PPO run directory.")
     report.add_argument("run_dir", help="A run directory with metrics.jsonl and samples.jsonl.")
     report.set_defaults(run=_report)
+    export = sub.add_parser("export", help="Merge a LoRA policy adapter (a run's final/ or checkpoint-N/) into its "
+                            "base and save a plain transformers model.")
+    export.add_argument("adapter_dir", help="A directory with adapter_config.json (peft format).")
+    export.add_argument("output_dir", help="Where the merged model and tokenizer go.")
+    export.set_defaults(run=_export)
     demo = sub.add_parser("demo", help="The whole pipeline offline on CPU: SFT -> reward model -> PPO, with a "
                           "gold scorer and an HTML report.")
     demo.add_argument("--output-dir", default="runs/demo", help="Where the demo writes its run (default runs/demo).")

@@ -75,7 +75,10 @@ def linear_module_names(model: nn.Module) -> list[str]:
     """Leaf names of the layers LoRA can wrap (Linear, GPT-2's Conv1D), for error messages."""
     names = set()
     for full_name, module in model.named_modules():
-        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+        if ".lora_" in full_name or full_name.endswith("base_layer"):
+            continue  # the inside of a layer LoRA already wraps
+        wrapped = hasattr(module, "base_layer")
+        if wrapped or isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
             names.add(full_name.rsplit(".", 1)[-1])
     return sorted(names)
 
@@ -105,9 +108,11 @@ def lora_config(model: nn.Module, settings: LoraSettings, inference: bool = Fals
             raise LoraError(f"lora_layers={settings.top_layers} but the model has {layers} transformer blocks")
         extra = {"layers_to_transform": list(range(layers - settings.top_layers, layers)),
                  "layers_pattern": layer_list_name(model)}
+    # GPT-2's Conv1D stores its weight transposed (fan_in_fan_out in peft's terms).
+    transposed = any(type(m).__name__ == "Conv1D" for m in model.modules())
     return LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                       target_modules=resolve_targets(model, settings.target_modules), bias="none",
-                      inference_mode=inference, **extra)
+                      inference_mode=inference, fan_in_fan_out=transposed, **extra)
 
 
 def add_lora(model: nn.Module, settings: LoraSettings, adapter: str = "default"):

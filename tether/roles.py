@@ -201,13 +201,13 @@ class SharedBaseRoles:
         self.trunk_end = 0 if any(x is None for x in lowest) else min(min(x) for x in lowest)
         if reward_head is not None:
             reward_head.requires_grad_(False)
-        # peft's set_adapter marks the active adapter trainable and the others frozen; the
-        # trainability of each role is ours to decide, so it is restored after every switch.
-        self._trainable = {id(p): p.requires_grad for p in model.parameters()}
+        # peft's set_adapter marks the active adapter trainable and the others frozen; which role
+        # trains is ours to decide: policy and critic adapters, never the base or the reward adapter.
+        self._trainable = {}
         for name, p in model.named_parameters():
-            if ".reward." in name:
-                p.requires_grad_(False)
-                self._trainable[id(p)] = False
+            trains = "lora_" in name and (".policy." in name or ".critic." in name)
+            p.requires_grad_(trains)
+            self._trainable[id(p)] = trains
         self._params = list(model.parameters())
 
     # --- switching roles ---

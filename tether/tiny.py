@@ -48,12 +48,18 @@ def train_tokenizer(texts: list[str], vocab_size: int = 256, chat_template: str 
 
 
 def tiny_config(arch: str, tokenizer, hidden: int = 64, layers: int = 2, heads: int = 4, max_positions: int = 256,
-                dropout: float | None = None):
-    """A small GPT-2 or Llama config sized for the tokenizer (dropout None keeps the library default)."""
+                dropout: float | None = None, init_std: float = 0.02):
+    """A small GPT-2 or Llama config sized for the tokenizer (dropout None keeps the library default).
+
+    A larger `init_std` gives a random model peaked output distributions to begin with: at the
+    default 0.02 a 32-wide model's logits are nearly uniform, and adapters, which leave the
+    embeddings and final norm as they are, cannot make them peaked.
+    """
     from transformers import GPT2Config, LlamaConfig
 
     common = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
-                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                  initializer_range=init_std)
     if arch == "gpt2":
         drop = {} if dropout is None else dict(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
         return GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=max_positions, **drop, **common)
