@@ -518,3 +518,69 @@ def test_cli_reward_run_as_a_user_types_it(tiny_dirs, pair_files, tmp_path):
     assert len(rows) == summary["train/steps"] == math.ceil(2 * 36 / 8)
     assert (run / "final" / "model.safetensors").is_file() and (run / "final" / "config.json").is_file()
     assert not (run / "final.tmp").exists()
+
+
+# --- LoRA reward models --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lora_trained(tiny_dirs, pair_files, tmp_path_factory):
+    threads = torch.get_num_threads()
+    cfg = reward_cfg(tiny_dirs, pair_files, tmp_path_factory.mktemp("lora_reward") / "run", model=str(tiny_dirs["llama"]),
+                     lora_rank=8, lora_alpha=16.0, learning_rate=1e-2, normalize_policy=str(tiny_dirs["llama"]),
+                     normalize_prompts=str(tiny_dirs["prompts"]), normalize_samples=64, normalize_max_new_tokens=8)
+    summary = run_reward(cfg)
+    torch.set_num_threads(threads)
+    return cfg, summary
+
+
+def test_lora_reward_model_learns_and_saves_an_adapter_with_its_head(lora_trained):
+    from tether.lora import LoraRewardModel
+
+    cfg, summary = lora_trained
+    final = Path(cfg.output_dir) / "final"
+    assert (final / "adapter_config.json").is_file() and (final / "score_head.safetensors").is_file()
+    assert not (final / "model.safetensors").exists()  # the base is not copied
+    assert summary["eval/accuracy"] >= 0.75, summary
+    model = load_reward_model(str(final))
+    assert isinstance(model, LoraRewardModel)
+    # normalisation lives in the head's own bias: the policy's samples score mean 0
+    assert abs(summary["normalize/mean_after"]) < 1e-3 and summary["normalize/std_after"] == pytest.approx(1, abs=1e-3)
+
+
+def test_lora_reward_adapter_scores_the_same_in_shared_base_ppo(lora_trained, tiny_dirs, tmp_path):
+    """Loaded as the third adapter on the policy's base, it scores exactly as the standalone reward model."""
+    from conftest import base_overrides
+    from tether.config import PPOConfig
+    from tether.pipelines.ppo import build_ppo_trainer
+    from tether.rewards import ModelReward, reward_eos
+
+    cfg, _ = lora_trained
+    final = str(Path(cfg.output_dir) / "final")
+    trainer = build_ppo_trainer(config_from_dict(PPOConfig, base_overrides(
+        tiny_dirs, tmp_path, arch="llama", reward_fn=None, reward_model=final, placement="shared_base", lora_rank=4)))
+    assert trainer.roles.reward_head is not None and "reward" in trainer.roles.model.peft_config
+    torch.manual_seed(0)
+    rollout = trainer.rollout(list(range(8)))
+    alone = ModelReward(load_reward_model(final), eos=reward_eos(trainer.tokenizer, trainer.roles.causal_lm))
+    expected = alone.score(rollout.prompts, rollout.responses, rollout.input_ids, rollout.attention_mask)
+    assert torch.allclose(rollout.scores, expected, atol=1e-5)
+    # the critic starts as the reward model: its head is the score head (N+ details)
+    assert torch.equal(trainer.roles.value_head.weight, trainer.roles.reward_head.weight)
+    # and the reward adapter never trains
+    trainer.step()
+    again = trainer.roles.adapter_scores(*append_missing_eos(rollout.input_ids, rollout.attention_mask,
+                                                             torch.tensor(alone.eos[0]), alone.eos[1], alone.eos[2]))
+    assert torch.allclose(again, expected, atol=1e-5)
+
+
+def test_shared_base_refuses_a_reward_adapter_on_another_base(lora_trained, tiny_dirs, tmp_path):
+    from conftest import base_overrides
+    from tether.config import PPOConfig
+    from tether.pipelines.ppo import build_ppo_trainer
+
+    cfg, _ = lora_trained
+    with pytest.raises(ValueError, match="another base.*placement=separate"):
+        build_ppo_trainer(config_from_dict(PPOConfig, base_overrides(
+            tiny_dirs, tmp_path, arch="gpt2", reward_fn=None, reward_model=str(Path(cfg.output_dir) / "final"),
+            placement="shared_base", lora_rank=4)))

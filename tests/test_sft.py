@@ -133,3 +133,30 @@ def test_cli_sft_run_as_a_user_types_it(tmp_path):
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
     assert "save_every: 0" in (tmp_path / "run" / "config.yaml").read_text()
     assert json.loads((tmp_path / "run" / "final" / "config.json").read_text())["resid_pdrop"] == 0.2
+
+
+def test_lora_sft_trains_only_an_adapter_and_exports_a_plain_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tether.cli import main
+    from tether.lora import LoraError
+
+    docs = write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in builtin_corpus(200)])
+    base = save_tiny_policy(tmp_path / "base", arch="llama", hidden=32, layers=2, heads=2)
+    run = tmp_path / "run"
+    summary = run_sft(sft_cfg(docs, run, init="pretrained", model=str(base), lora_rank=8, lora_alpha=16.0,
+                              learning_rate=1e-2, max_steps=30))
+    rows = read_rows(run)
+    assert rows[-1]["train/loss"] < rows[0]["train/loss"] - 0.1
+    final = run / "final"
+    assert (final / "adapter_config.json").is_file() and not (final / "model.safetensors").exists()
+    assert main(["export", str(final), str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    original = AutoModelForCausalLM.from_pretrained(base).eval()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert not torch.allclose(merged(ids).logits, original(ids).logits)  # the adapter is in it
+    assert summary["eval/loss"] < math.log(256)
+    with pytest.raises(LoraError, match=r"match no layer.*o_proj"):
+        run_sft(sft_cfg(docs, tmp_path / "bad", init="pretrained", model=str(base), lora_rank=8,
+                        lora_target_modules=["nope"]))

@@ -28,7 +28,8 @@ import torch
 
 from tether.algo import append_missing_eos
 from tether.checkpoint import save_checkpoint
-from tether.config import ConfigError, RewardConfig
+from tether.config import ConfigError, RewardConfig, lora_settings
+from tether.lora import build_lora_reward_model, require_full_model
 from tether.data import DataError, load_records, tokenize_prompts
 from tether.models import (
     disable_dropout,
@@ -82,7 +83,7 @@ def run_reward(cfg: RewardConfig) -> dict[str, float]:
     norm_prompts = load_normalization_prompts(cfg, tokenizer) if cfg.normalize_policy else None
 
     # 3. Model: backbone + scalar head, sized for the tokenizer, dropout off.
-    model = load_reward_backbone(cfg.model, tokenizer, dtype).to(device)
+    model = load_reward_backbone(cfg.model, tokenizer, dtype, lora_settings(cfg)).to(device)
     if cfg.normalize_policy and score_head(model) is not None and score_head(model).bias is None:
         final_norm(model)  # fail now, not after training, when the shift has nowhere to go
 
@@ -278,8 +279,9 @@ def split_by_prompt(pairs: PreferencePairs, fraction: float, seed: int) -> tuple
 # --- model ------------------------------------------------------------------------------
 
 
-def load_reward_backbone(path: str, tokenizer, dtype: torch.dtype = torch.float32):
-    """``AutoModelForSequenceClassification(num_labels=1)`` from a causal LM (or a reward model).
+def load_reward_backbone(path: str, tokenizer, dtype: torch.dtype = torch.float32, lora=None):
+    """``AutoModelForSequenceClassification(num_labels=1)`` from a causal LM (or a reward model);
+    with ``lora`` (LoraSettings) a LoraRewardModel: the causal LM's backbone, a reward adapter and a head.
 
     A freshly added head gets N(0, 1/sqrt(d_model+1)), bias 0 (N-details item 6); a head that
     was in the checkpoint (continuing a reward model) is kept. Embeddings grow for a new pad
@@ -287,6 +289,12 @@ def load_reward_backbone(path: str, tokenizer, dtype: torch.dtype = torch.float3
     """
     from transformers import AutoModelForSequenceClassification
 
+    if lora is not None:
+        require_full_model(path, "model")
+        base = load_causal_lm(path, dtype)
+        resize_for_tokenizer(base, tokenizer)
+        disable_dropout(base)
+        return build_lora_reward_model(base, lora)
     model, info = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype,
                                                                      output_loading_info=True)
     head = score_head(model)

@@ -10,6 +10,8 @@ from pathlib import Path
 from tether.checkpoint import save_checkpoint
 from tether.config import SFTConfig
 from tether.data import DataError, load_records, load_texts, pack_texts
+from tether.config import lora_settings
+from tether.lora import add_lora, require_full_model
 from tether.models import load_causal_lm, load_tokenizer, pick_device, torch_dtype
 from tether.pipelines.ppo import start_run
 from tether.tiny import tiny_config, train_tokenizer
@@ -34,7 +36,8 @@ def run_sft(cfg: SFTConfig) -> dict[str, float]:
 
     model = sft_model(cfg, tokenizer).to(device)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # Non-reentrant: with a frozen base (LoRA) the reentrant variant would drop the adapters' gradients.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     log.info("model: %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
     sink = JsonlSink(run_dir / "metrics.jsonl")
     try:
@@ -99,7 +102,16 @@ def sft_model(cfg: SFTConfig, tokenizer):
         config = tiny_config(cfg.arch, tokenizer, hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads,
                              max_positions=max(cfg.block_size, 512), dropout=cfg.dropout)
         return AutoModelForCausalLM.from_config(config).to(torch_dtype(cfg.dtype))
+    settings = lora_settings(cfg)
+    if settings is not None:
+        require_full_model(cfg.model, "model")
     model = load_causal_lm(cfg.model, torch_dtype(cfg.dtype))
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
+    if settings is None:
+        return model
+    # The adapter alone trains; final/ holds it in peft format (`tether export` merges it).
+    model = add_lora(model, settings)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("LoRA rank %d: %.2fM trainable parameters", settings.rank, trainable / 1e6)
     return model

@@ -53,7 +53,7 @@ class SFTTrainer:
         self.cfg, self.model, self.eval_blocks, self.sink, self.device = cfg, model, eval_blocks, sink, device
         self.save = save  # called with the step number every save_every steps
         self.sampler = BlockSampler(train_blocks, seed=cfg.seed)
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, eps=cfg.adam_eps,
+        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate, eps=cfg.adam_eps,
                                            weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(cfg.lr_schedule, cfg.warmup_steps, cfg.max_steps))
@@ -98,7 +98,8 @@ class SFTTrainer:
             loss.backward()
             total += loss.item()
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
+        norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None],
+                                              max_norm).item()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
