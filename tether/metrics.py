@@ -77,6 +77,9 @@ PPO_METRICS: tuple[Metric, ...] = (
            "early by `target_kl_stop`).", "Equal to ppo_epochs × num_minibatches."),
     Metric("ppo/early_stopped", "1 when `target_kl_stop` cut the update short, else 0.", "Mostly 0."),
     Metric("time/rollout_s", "Seconds spent sampling and scoring.", "Stable."),
+    Metric("time/generate_s", "Seconds of the rollout spent sampling responses.", "Most of the rollout."),
+    Metric("time/score_s", "Seconds of the rollout spent on policy/reference log-probs, values and scores.",
+           "Stable; small with placement=shared_base and lora_layers, where the frozen blocks run once."),
     Metric("time/train_s", "Seconds spent in PPO epochs.", "Stable."),
     Metric("time/update_s", "Seconds for the whole update.", "Stable."),
     Metric("gold/score", "Mean score of the same rollout responses under the gold scorer, which PPO never "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -46,6 +47,8 @@ class Rollout:
     prompts: list[str]      # decoded prompts (special tokens removed)
     responses: list[str]    # decoded responses (special tokens removed)
     trunk: Optional[Tensor] = None  # (B, P+R, H) frozen lower blocks' output, shared by every role (shared_base)
+    generate_s: float = 0.0         # seconds spent sampling
+    score_s: float = 0.0            # seconds spent scoring with the four roles
 
     @property
     def prompt_length(self) -> int:
@@ -186,7 +189,9 @@ def collect_rollout(roles, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, s
 
 
 def _rollout_chunk(roles, tokenizer, prompt_ids, prompt_mask, settings) -> Rollout:
+    start = time.perf_counter()
     response_ids, response_mask, ended = roles.sample(prompt_ids, prompt_mask, settings, tokenizer)
+    generated = time.perf_counter()
     input_ids = torch.cat([prompt_ids, response_ids], dim=1)
     attention_mask = torch.cat([prompt_mask.long(), response_mask.long()], dim=1)
     prompts = tokenizer.batch_decode(prompt_ids, skip_special_tokens=True)
@@ -194,7 +199,7 @@ def _rollout_chunk(roles, tokenizer, prompt_ids, prompt_mask, settings) -> Rollo
     out = roles.score(input_ids, attention_mask, response_ids.shape[1], settings, prompts, responses)
     return Rollout(input_ids, attention_mask, response_mask, out.logprobs * response_mask,
                    out.ref_logprobs * response_mask, out.values * response_mask, out.scores, ended, prompts,
-                   responses, out.trunk)
+                   responses, out.trunk, generated - start, time.perf_counter() - generated)
 
 
 def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
@@ -216,7 +221,7 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
         trunk = torch.cat([_pad_hidden(p.trunk, prompt_width - p.prompt_length, width) for p in parts])
     return Rollout(**joined, scores=torch.cat([p.scores for p in parts]), ended=torch.cat([p.ended for p in parts]),
                    prompts=sum((p.prompts for p in parts), []), responses=sum((p.responses for p in parts), []),
-                   trunk=trunk)
+                   trunk=trunk, generate_s=sum(p.generate_s for p in parts), score_s=sum(p.score_s for p in parts))
 
 
 def _pad(x: Tensor, left: int, right: int, value) -> Tensor:

@@ -205,7 +205,8 @@ class PPOTrainer:
         metrics = {
             **self.rollout_metrics(rollout, raw_scores, rewards, kl_reward, kl_per_response, beta, batch),
             **opt_stats,
-            "time/rollout_s": rollout_s, "time/train_s": train_s, "time/update_s": time.perf_counter() - start,
+            "time/rollout_s": rollout_s, "time/generate_s": rollout.generate_s, "time/score_s": rollout.score_s,
+            "time/train_s": train_s, "time/update_s": time.perf_counter() - start,
         }
         self.after_update(rollout, raw_scores, metrics)
         return metrics
