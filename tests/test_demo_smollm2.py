@@ -27,6 +27,8 @@ def test_pipeline_runs_on_a_chat_model_with_lora_reward_and_shared_base_ppo(tmp_
     corpus = type("C", (), dict(train_texts=sentences, train_sentences=sentences[:200],
                                 eval_sentences=sentences[200:]))
     monkeypatch.setattr(demo_corpus, "build_corpus", lambda seed=0: corpus)  # the real corpus takes seconds more
+    # A random tiny model writes no words VADER knows: rank its samples by a scorer that sees them.
+    monkeypatch.setattr(demo_smollm2, "vader_compound", lambda texts: [t.count("o") / max(1, len(t)) for t in texts])
     tokenizer = train_tokenizer(builtin_corpus(400), vocab_size=256, chat_template=CHAT)
     base = tmp_path / "base"
     build_tiny_causal_lm("llama", tokenizer, seed=0, hidden=32, layers=2, heads=2).save_pretrained(base)
