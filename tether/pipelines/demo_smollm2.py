@@ -57,17 +57,17 @@ class MissingModelPackage(ValueError):
 class SmolSettings:
     """Sizes of every stage; `small()` shrinks them (a tiny stand-in model) for tests."""
 
-    pref_prompts: int = 96
+    pref_prompts: int = 192
     pref_samples: int = 6
     pref_margin: float = 0.4
     max_new_tokens: int = 32
     temperature: float = 0.7
     lora: dict = field(default_factory=lambda: dict(lora_rank=16, lora_alpha=32.0, lora_layers=8))
     reward: dict = field(default_factory=lambda: dict(
-        batch_size=32, epochs=2.0, learning_rate=5e-4, max_length=96, eval_fraction=0.15, eval_every=50,
+        batch_size=32, epochs=2.0, learning_rate=1e-3, max_length=96, eval_fraction=0.15, eval_every=50,
         batch_by_prompt=True, normalize_samples=64, normalize_max_new_tokens=32))
     ppo: dict = field(default_factory=lambda: dict(
-        total_updates=24, batch_size=16, num_minibatches=2, ppo_epochs=4, learning_rate=3e-4,
+        total_updates=24, batch_size=16, num_minibatches=1, ppo_epochs=4, learning_rate=2e-4,
         critic_learning_rate=1e-3, kl_coef=0.05, eval_every=12, eval_max_prompts=64, sample_every=6,
         num_samples=4, vf_coef=0.5, max_prompt_length=64, rollout_batch_size=0))
 
