@@ -42,8 +42,6 @@ from tether.models import (
 
 log = logging.getLogger(__name__)
 
-SCORE_HEAD_FILE = "score_head.safetensors"
-
 
 @dataclass
 class SequenceScores:
@@ -303,7 +301,7 @@ class SharedBaseRoles:
 
             bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
             raise RewardError(f"reward adapter produced a non-finite score for item {bad[0]}")
-        return scores.cpu().to(input_ids.device)
+        return scores
 
     def policy_logits(self, input_ids, attention_mask, response_length, pad_id, trunk=None):
         with self.role("policy"):

@@ -67,8 +67,8 @@ class SmolSettings:
         batch_size=32, epochs=2.0, learning_rate=1e-3, max_length=96, eval_fraction=0.15, eval_every=50,
         batch_by_prompt=True, normalize_samples=64, normalize_max_new_tokens=32))
     ppo: dict = field(default_factory=lambda: dict(
-        total_updates=24, batch_size=16, num_minibatches=1, ppo_epochs=4, learning_rate=2e-4,
-        critic_learning_rate=1e-3, kl_coef=0.05, eval_every=12, eval_max_prompts=64, sample_every=6,
+        total_updates=36, batch_size=16, num_minibatches=1, ppo_epochs=4, learning_rate=2e-4,
+        critic_learning_rate=1e-3, kl_coef=0.15, eval_every=12, eval_max_prompts=64, sample_every=6,
         num_samples=4, vf_coef=0.5, max_prompt_length=64, rollout_batch_size=0))
 
     @classmethod
