@@ -159,17 +159,23 @@ def margin_pairs(prompt: str, responses: list[str], gold: list[float], margin: f
 def sample_texts(policy, tokenizer, prompts: list[str], per_prompt: int, max_new_tokens: int,
                  temperature: float = 1.0, batch_size: int = 128) -> list[list[str]]:
     """`per_prompt` sampled continuations of every prompt (at PPO's sampling temperature)."""
+    prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
+    return sample_ids(policy, tokenizer, prompt_ids, per_prompt, max_new_tokens, temperature, batch_size)
+
+
+def sample_ids(policy, tokenizer, prompt_ids: list[list[int]], per_prompt: int, max_new_tokens: int,
+               temperature: float, batch_size: int) -> list[list[str]]:
+    """`per_prompt` decoded responses to every tokenised prompt, sampled in left-padded chunks."""
     from tether.data import left_pad
     from tether.models import eos_token_ids
     from tether.rollout import GenerationSettings, sample_responses
 
     settings = GenerationSettings(max_new_tokens=max_new_tokens, eos_ids=eos_token_ids(tokenizer, policy),
                                   pad_id=tokenizer.pad_token_id, temperature=temperature)
-    repeated = [p for p in prompts for _ in range(per_prompt)]
+    repeated = [p for p in prompt_ids for _ in range(per_prompt)]
     texts = []
     for start in range(0, len(repeated), batch_size):
-        chunk = repeated[start : start + batch_size]
-        ids, mask = left_pad([tokenizer(p)["input_ids"] for p in chunk], tokenizer.pad_token_id)
+        ids, mask = left_pad(repeated[start : start + batch_size], tokenizer.pad_token_id)
         response_ids, _, _ = sample_responses(policy, ids, mask, settings)
         texts += tokenizer.batch_decode(response_ids, skip_special_tokens=True)
     return [texts[i : i + per_prompt] for i in range(0, len(texts), per_prompt)]
@@ -240,13 +246,26 @@ def run_demo(output_dir: str | Path = "runs/demo", fresh: bool = False,
 
 def summarize(ppo_dir: Path, sft: dict, prefs: dict, reward: dict, timings: dict, seconds: float) -> dict:
     """Before/after on the held-out prompts: update 0 is the SFT policy, the last eval the final policy."""
-    rows = [json.loads(line) for line in (ppo_dir / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in rows if "eval/gold" in r]
-    first, last = evals[0], evals[-1]
     summary = {
         "SFT held-out perplexity": sft.get("eval/perplexity"),
         "preference pairs": prefs.get("preference/pairs"),
         "reward model held-out accuracy": reward.get("eval/accuracy"),
+        **held_out_before_after(read_metrics(ppo_dir)),
+        "wall time (s)": round(seconds, 1),
+    }
+    summary.update({f"time {k} (s)": round(v, 1) for k, v in timings.items()})
+    return summary
+
+
+def read_metrics(ppo_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (ppo_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def held_out_before_after(rows: list[dict]) -> dict:
+    """Gold, proxy, KL and distinct-2 at the first and the last held-out evaluation of a PPO run."""
+    evals = [r for r in rows if "eval/gold" in r]
+    first, last = evals[0], evals[-1]
+    return {
         "gold (VADER) before PPO": first["eval/gold"],
         "gold (VADER) after PPO": last["eval/gold"],
         "gold gain": last["eval/gold"] - first["eval/gold"],
@@ -256,10 +275,7 @@ def summarize(ppo_dir: Path, sft: dict, prefs: dict, reward: dict, timings: dict
         "distinct-2 before PPO": first["eval/distinct_2"],
         "distinct-2 after PPO": last["eval/distinct_2"],
         "distinct-2 ratio": last["eval/distinct_2"] / max(first["eval/distinct_2"], 1e-9),
-        "wall time (s)": round(seconds, 1),
     }
-    summary.update({f"time {k} (s)": round(v, 1) for k, v in timings.items()})
-    return summary
 
 
 def most_spread_phrase(before: list[str], after: list[str]) -> str:

@@ -37,9 +37,12 @@ from tether.pipelines.demo import (
     _stage_id,
     _timed,
     _write_jsonl,
+    held_out_before_after,
     margin_pairs,
     most_spread_phrase,
     print_summary,
+    read_metrics,
+    sample_ids,
     stage_corpus,
     vader_compound,
 )
@@ -157,7 +160,7 @@ def stage_preferences(run: Path, base: Path, files: dict[str, Path], settings: S
     records = records[: settings.pref_prompts]
     prompt_ids, _ = tokenize_prompts(records, tokenizer, max_prompt_length=settings.ppo["max_prompt_length"])
     responses = sample_ids(policy, tokenizer, prompt_ids, settings.pref_samples, settings.max_new_tokens,
-                           settings.temperature)
+                           settings.temperature, batch_size=96)
     pairs = []
     for record, group in zip(records, responses):
         pairs += margin_pairs(record["prompt"], group, vader_compound(group), settings.pref_margin)
@@ -168,23 +171,6 @@ def stage_preferences(run: Path, base: Path, files: dict[str, Path], settings: S
     stats_file.write_text(json.dumps(stats))
     _record(marker, inputs)
     return stats
-
-
-def sample_ids(policy, tokenizer, prompt_ids: list[list[int]], per_prompt: int, max_new_tokens: int,
-               temperature: float, batch_size: int = 96) -> list[list[str]]:
-    from tether.data import left_pad
-    from tether.models import eos_token_ids
-    from tether.rollout import GenerationSettings, sample_responses
-
-    settings = GenerationSettings(max_new_tokens=max_new_tokens, eos_ids=eos_token_ids(tokenizer, policy),
-                                  pad_id=tokenizer.pad_token_id, temperature=temperature)
-    repeated = [p for p in prompt_ids for _ in range(per_prompt)]
-    texts = []
-    for start in range(0, len(repeated), batch_size):
-        ids, mask = left_pad(repeated[start : start + batch_size], tokenizer.pad_token_id)
-        response_ids, _, _ = sample_responses(policy, ids, mask, settings)
-        texts += tokenizer.batch_decode(response_ids, skip_special_tokens=True)
-    return [texts[i : i + per_prompt] for i in range(0, len(texts), per_prompt)]
 
 
 def stage_reward(run: Path, base: Path, files: dict[str, Path], settings: SmolSettings) -> dict:
@@ -256,22 +242,12 @@ def run_smollm2_demo(output_dir: str | Path = "runs/demo-smollm2", fresh: bool =
 
 def summarize(ppo_dir: Path, prefs: dict, reward: dict, timings: dict, seconds: float) -> dict:
     """Before/after on the held-out prompts, and the mean time per update of each phase."""
-    rows = [json.loads(line) for line in (ppo_dir / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in rows if "eval/gold" in r]
+    rows = read_metrics(ppo_dir)
     updates = [r for r in rows if "time/update_s" in r]
-    first, last = evals[0], evals[-1]
     summary = {
         "preference pairs": prefs.get("preference/pairs"),
         "reward model held-out accuracy": reward.get("eval/accuracy"),
-        "gold (VADER) before PPO": first["eval/gold"],
-        "gold (VADER) after PPO": last["eval/gold"],
-        "gold gain": last["eval/gold"] - first["eval/gold"],
-        "proxy score before PPO": first["eval/score"],
-        "proxy score after PPO": last["eval/score"],
-        "KL to reference after PPO (nats/response)": last["eval/kl"],
-        "distinct-2 before PPO": first["eval/distinct_2"],
-        "distinct-2 after PPO": last["eval/distinct_2"],
-        "distinct-2 ratio": last["eval/distinct_2"] / max(first["eval/distinct_2"], 1e-9),
+        **held_out_before_after(rows),
     }
     for phase in ("generate", "score", "train", "update"):
         key = f"time/{phase}_s"
