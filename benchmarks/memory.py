@@ -4,8 +4,11 @@
 
 Each configuration runs in a fresh process (peak RSS only ever grows within one), on the same
 prompts, batch and lengths, and reports the peak resident memory of: loading its models plus
-one whole PPO update — rollout (generation), scoring by all four roles, optimisation — or, for
-the yardstick, one plain LoRA SFT step on sequences of the same size. Printed: every peak, the
+whole PPO updates — rollout (generation), scoring by all four roles, optimisation — or, for
+the yardstick, plain LoRA SFT steps on sequences of the same size. `--updates 2` (the default)
+measures a steady-state update: AdamW creates its state at the first step, so only from the
+second update on does the backward pass run with optimizer state resident, as it does for the
+whole of a real run. Printed: every peak, the
 two ratios the design is held to (shared_base / LoRA SFT <= 1.3, shared_base / separate <= 0.5),
 and what each memory/compute lever (gradient checkpointing, adapters on the top blocks only)
 does to memory and to the time of the update.
@@ -64,7 +67,10 @@ def child(spec: dict) -> dict:
     """One configuration in this process: load, one update (or SFT step), peak RSS."""
     import torch
 
+    from tether.pipelines.ppo import return_freed_memory_to_os
+
     torch.set_num_threads(spec["threads"])
+    return_freed_memory_to_os()  # as every tether run does (PPO runs set it again, harmlessly)
     start_mb = peak_mb()
     if spec["kind"] == "sft":
         return {**sft_step(spec), "import_mb": start_mb, "peak_mb": peak_mb()}
@@ -73,19 +79,20 @@ def child(spec: dict) -> dict:
 
     values = dict(policy=spec["base"], prompts=spec["prompts"], reward_model=spec["reward_model"],
                   output_dir=spec["out"], batch_size=spec["batch"], num_minibatches=1, ppo_epochs=1,
-                  max_new_tokens=spec["response"], total_updates=1, progress=False, seed=0, temperature=1.0,
+                  max_new_tokens=spec["response"], total_updates=spec["updates"], progress=False, seed=0, temperature=1.0,
                   num_threads=spec["threads"], **spec["options"])
     trainer = build_ppo_trainer(config_from_dict(PPOConfig, values))
     load_mb = peak_mb()
-    t0 = time.perf_counter()
-    metrics = trainer.step()
+    for _ in range(spec["updates"]):  # the last one is timed
+        t0 = time.perf_counter()
+        metrics = trainer.step()
     return {"import_mb": start_mb, "load_mb": load_mb, "peak_mb": peak_mb(), "update_s": time.perf_counter() - t0,
             "generate_s": metrics["time/generate_s"], "score_s": metrics["time/score_s"],
             "train_s": metrics["time/train_s"], "response_length": metrics["response/length"]}
 
 
 def sft_step(spec: dict) -> dict:
-    """One LoRA SFT step (forward, backward, AdamW) on batch x (prompt + response) tokens."""
+    """LoRA SFT steps (forward, backward, AdamW) on batch x (prompt + response) tokens; the last is timed."""
     import torch
 
     from tether.algo import lm_loss
@@ -97,10 +104,12 @@ def sft_step(spec: dict) -> dict:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, 49152, (spec["batch"], spec["sequence"]))
     mask = torch.ones_like(ids)
-    t0 = time.perf_counter()
-    loss, _ = lm_loss(model(input_ids=ids, attention_mask=mask).logits, ids, mask)
-    loss.backward()
-    optimizer.step()
+    for _ in range(spec["updates"]):
+        t0 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss, _ = lm_loss(model(input_ids=ids, attention_mask=mask).logits, ids, mask)
+        loss.backward()
+        optimizer.step()
     return {"update_s": time.perf_counter() - t0}
 
 
@@ -122,6 +131,8 @@ def main() -> None:
                         "(converted from the packaged GGUF file when missing)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--response", type=int, default=48)
+    parser.add_argument("--updates", type=int, default=2, help="updates (SFT steps) per configuration; the "
+                        "peak covers all of them, the time is the last one's")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -139,7 +150,7 @@ def main() -> None:
         results = {}
         for name, config in CONFIGS.items():
             spec = dict(config, base=str(base), prompts=str(prompts), batch=args.batch, response=args.response,
-                        threads=args.threads, out=str(root / f"run{len(results)}"),
+                        threads=args.threads, updates=args.updates, out=str(root / f"run{len(results)}"),
                         sequence=40 + args.response, reward_model=str(rewards.get(config.get("reward"), "")))
             out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
                                  text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -155,7 +166,7 @@ def report(results: dict, args) -> None:
     sft = results["LoRA SFT step (yardstick)"]["peak_mb"]
     separate = results["separate (4 full models)"]["peak_mb"]
     print(f"\nSmolLM2-135M, batch {args.batch}, prompts ~40 tokens, up to {args.response} new tokens, "
-          f"{args.threads} threads, fp32; peak resident memory of load + one whole update (process baseline "
+          f"{args.threads} threads, fp32; peak resident memory of load + {args.updates} whole update(s) (process baseline "
           f"~{results['separate (4 full models)']['import_mb']:.0f} MB after imports)\n")
     print(f"| configuration | peak RSS (MB) | / LoRA SFT | / separate | update (s) | generate | score | train |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")

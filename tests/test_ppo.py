@@ -152,6 +152,24 @@ def test_gold_scorer_and_held_out_evaluation(tiny_dirs, tmp_path):
         assert s["gold"] == pytest.approx(len(s["response"]) / 10)
 
 
+def test_evaluation_never_changes_what_training_samples(tiny_dirs, tmp_path):
+    """Evaluation draws from its own stream, the same at every evaluation: training metrics do not
+    depend on eval_every, and the untrained policy's responses at two evaluations are identical."""
+    def train(eval_every, out):
+        trainer = make_trainer(tiny_dirs, out, eval_prompts=str(tiny_dirs["prompts"]), eval_every=eval_every,
+                               eval_max_prompts=6, total_updates=3)
+        trainer.train()
+        return trainer, [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+
+    often, often_rows = train(1, tmp_path / "often")
+    _, rare_rows = train(100, tmp_path / "rare")
+    training = lambda rows: [{k: v for k, v in r.items() if not k.startswith(("eval/", "time/"))}
+                             for r in rows if "kl/mean" in r]
+    assert len([r for r in often_rows if "eval/kl" in r]) == 4 and len([r for r in rare_rows if "eval/kl" in r]) == 2
+    assert training(often_rows) == training(rare_rows)
+    assert often.evaluate() == often.evaluate()
+
+
 def test_ptx_loss_is_added_and_falls(tiny_dirs, tmp_path):
     text = tmp_path / "ptx.txt"
     text.write_text("\n\n".join(["the cat is good today."] * 200))

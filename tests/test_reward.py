@@ -584,3 +584,46 @@ def test_shared_base_refuses_a_reward_adapter_on_another_base(lora_trained, tiny
         build_ppo_trainer(config_from_dict(PPOConfig, base_overrides(
             tiny_dirs, tmp_path, arch="gpt2", reward_fn=None, reward_model=str(Path(cfg.output_dir) / "final"),
             placement="shared_base", lora_rank=4)))
+
+
+def test_trunk_cache_runs_the_frozen_blocks_once_and_trains_the_same(tiny_dirs, pair_files, tmp_path):
+    """With the adapter on the top block only, the block below runs once per distinct sequence over
+    all epochs and evaluations, and training ends where the uncached run ends."""
+    from tether.config import lora_settings
+    from tether.lora import build_lora_reward_model, decoder_layers
+
+    def train(cache_mb):
+        cfg = reward_cfg(tiny_dirs, pair_files, tmp_path / str(cache_mb), model=str(tiny_dirs["llama"]), lora_rank=4,
+                         lora_layers=1, epochs=3.0, trunk_cache_mb=cache_mb)
+        tokenizer = load_tokenizer(cfg.model)
+        torch.manual_seed(0)
+        model = build_lora_reward_model(load_causal_lm(cfg.model), lora_settings(cfg))
+        pairs, _ = encode_preference_pairs(pair_files["rows"], tokenizer, cfg)
+        trainer = RewardTrainer(cfg, model, tokenizer.pad_token_id, pairs.select(range(30)), pairs.select(range(30, 40)))
+        lowest = decoder_layers(model.base_model)[0]
+        rows = []
+        handle = lowest.register_forward_hook(lambda _m, args, _out: rows.append(args[0].shape[0]))
+        metrics = trainer.train()
+        handle.remove()
+        state = {k: v.clone() for k, v in model.named_parameters() if v.requires_grad}
+        return trainer, metrics, sum(rows), state
+
+    cached, metrics, cached_rows, cached_state = train(64)
+    plain, plain_metrics, plain_rows, plain_state = train(0)
+    assert cached.trunks is not None and plain.trunks is None
+    distinct = len({tuple(s) for p in (cached.train_pairs, cached.eval_pairs) for s in p.chosen + p.rejected})
+    assert cached_rows == distinct == metrics["train/trunk_cached_sequences"]
+    assert plain_rows > 2 * distinct  # three epochs and the evaluations, every block each time
+    assert metrics["eval/accuracy"] == plain_metrics["eval/accuracy"]
+    for name, value in plain_state.items():
+        assert torch.allclose(cached_state[name], value, atol=1e-5), name
+
+
+def test_trunk_cache_is_off_when_the_base_has_dropout(tiny_dirs, pair_files, tmp_path):
+    from tether.config import lora_settings
+    from tether.lora import build_lora_reward_model
+
+    cfg = reward_cfg(tiny_dirs, pair_files, tmp_path, lora_rank=4, lora_layers=1)  # the GPT-2 has dropout 0.1
+    model = build_lora_reward_model(load_causal_lm(cfg.model), lora_settings(cfg))
+    pairs, _ = encode_preference_pairs(pair_files["rows"], load_tokenizer(cfg.model), cfg)
+    assert RewardTrainer(cfg, model, 0, pairs).trunks is None

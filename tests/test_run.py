@@ -184,3 +184,15 @@ def test_doctor_does_not_name_parts_of_a_named_phrase_or_common_words_that_grew(
     later = ["united we stand.", "the united front.", "the United States said no.", "the home was united."] * 5
     assert ("united", 0.05, 1.0) in spreading_phrases(doctor.first_shares, phrase_shares(later))
     assert doctor.check_phrases(3, later) == []
+
+
+def test_large_freed_blocks_go_back_to_the_os_unless_the_user_chose(monkeypatch):
+    """glibc's dynamic mmap threshold fragments the heap with activation-sized blocks; a threshold
+    the user set in the environment is theirs."""
+    from tether.pipelines.ppo import return_freed_memory_to_os
+
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    if sys.platform == "linux" and os.path.exists("/lib/x86_64-linux-gnu/libc.so.6") or sys.platform == "linux":
+        assert return_freed_memory_to_os() is True
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert return_freed_memory_to_os() is False

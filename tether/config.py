@@ -445,6 +445,7 @@ class RewardConfig:
     lora_target_modules: list[str] = opt([], "Layer names LoRA wraps; default per architecture (attention and MLP projections).")
     lora_layers: int = opt(0, "Adapter only on the top N transformer blocks (0 = all).")
     lora_dropout: float = opt(0.0, "Dropout on the adapter's input.")
+    trunk_cache_mb: int = opt(2048, "With lora_layers, keep the output of the frozen blocks below the adapter for each distinct sequence, up to this many MB, so later epochs and evaluations run only the adapted blocks (0 = off; off by itself when the base has dropout).")
 
     # --- data -----------------------------------------------------------------
     data: str = opt(None, "Preference pairs: file, save_to_disk dir or hub id with prompt/chosen/rejected (required).")
@@ -494,5 +495,5 @@ class RewardConfig:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if (self.normalize_policy is None) != (self.normalize_prompts is None):
             raise ConfigError("normalize_policy and normalize_prompts go together: set both or neither")
-        _non_negative(self, "warmup_steps", "num_threads", "weight_decay")
+        _non_negative(self, "warmup_steps", "num_threads", "weight_decay", "trunk_cache_mb")
         _check_lora(self)

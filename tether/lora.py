@@ -261,6 +261,9 @@ def build_lora_reward_model(base, settings: LoraSettings) -> LoraRewardModel:
     peft_model = add_lora(base, settings, adapter="reward")
     head = nn.Linear(base.config.get_text_config().hidden_size, 1).to(base.dtype)
     init_score_head(head)
+    # The Bradley-Terry loss sees only score differences: the bias's gradient is exactly 0, and
+    # Adam would turn its rounding noise into steps. Normalisation sets it after training.
+    head.bias.requires_grad_(False)
     return LoraRewardModel(peft_model, head)
 
 

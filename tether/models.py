@@ -171,6 +171,30 @@ def capture_block_input(model: nn.Module, index: int):
         handle.remove()
 
 
+class _StopForward(Exception):
+    """Raised inside a forward pass once the trunk is captured: the blocks above are not needed."""
+
+
+@torch.no_grad()
+def lower_blocks_output(backbone: nn.Module, index: int, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """(B, L, H) input of transformer block `index` of `backbone` (a bare transformer, e.g. a causal
+    LM's `.base_model`): the blocks below it are run, the ones from `index` on are not."""
+    from tether.lora import decoder_layers
+
+    def stop(_module, _args, _kwargs):
+        raise _StopForward
+
+    with capture_block_input(backbone, index) as captured:
+        handle = decoder_layers(backbone)[index].register_forward_pre_hook(stop, with_kwargs=True)
+        try:
+            last_hidden_state(backbone, input_ids, attention_mask)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+    return captured["hidden"]
+
+
 @contextmanager
 def start_at_block(model: nn.Module, index: int, hidden: Tensor):
     """Run only blocks `index`.. of `model`, fed `hidden` (B, L, H) as their input: blocks below

@@ -32,10 +32,10 @@ from tether.algo import append_missing_eos, last_token_index, logprobs_from_logi
 from tether.checkpoint import save_checkpoint
 from tether.models import (
     VALUE_HEAD_FILE,
-    capture_block_input,
     disable_dropout,
     freeze,
     last_hidden_state,
+    lower_blocks_output,
     position_ids_from_mask,
     start_at_block,
 )
@@ -166,10 +166,6 @@ class SeparateRoles:
 # --- shared_base: one base, LoRA adapters ----------------------------------------------
 
 
-class _StopForward(Exception):
-    """Raised inside a forward pass once the trunk is captured: the blocks above are not needed."""
-
-
 class SharedBaseRoles:
     """One base model in a PeftModel with adapters "policy", "critic" and optionally "reward".
 
@@ -234,21 +230,8 @@ class SharedBaseRoles:
         """(B, L, H) input of the lowest adapted block; the blocks above it are not run."""
         if self.trunk_end == 0:
             return None
-
-        def stop(_module, _args, _kwargs):
-            raise _StopForward
-
-        from tether.lora import decoder_layers
-
-        with self.role("reference"), capture_block_input(self.causal_lm, self.trunk_end) as captured:
-            handle = decoder_layers(self.causal_lm)[self.trunk_end].register_forward_pre_hook(stop, with_kwargs=True)
-            try:
-                last_hidden_state(self.causal_lm.base_model, input_ids, attention_mask)
-            except _StopForward:
-                pass
-            finally:
-                handle.remove()
-        return captured["hidden"]
+        with self.role("reference"):
+            return lower_blocks_output(self.causal_lm.base_model, self.trunk_end, input_ids, attention_mask)
 
     # --- the Roles protocol ---
 

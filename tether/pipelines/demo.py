@@ -164,8 +164,11 @@ def sample_texts(policy, tokenizer, prompts: list[str], per_prompt: int, max_new
 
 
 def sample_ids(policy, tokenizer, prompt_ids: list[list[int]], per_prompt: int, max_new_tokens: int,
-               temperature: float, batch_size: int) -> list[list[str]]:
-    """`per_prompt` decoded responses to every tokenised prompt, sampled in left-padded chunks."""
+               temperature: float, batch_size: int, seed: Optional[int] = None) -> list[list[str]]:
+    """`per_prompt` decoded responses to every tokenised prompt, sampled in left-padded chunks.
+
+    With `seed` the samples do not depend on what consumed the random stream before (a run
+    that converts its base model, or one that finds it cached)."""
     from tether.data import left_pad
     from tether.models import eos_token_ids
     from tether.rollout import GenerationSettings, sample_responses
@@ -173,6 +176,8 @@ def sample_ids(policy, tokenizer, prompt_ids: list[list[int]], per_prompt: int, 
     settings = GenerationSettings(max_new_tokens=max_new_tokens, eos_ids=eos_token_ids(tokenizer, policy),
                                   pad_id=tokenizer.pad_token_id, temperature=temperature)
     repeated = [p for p in prompt_ids for _ in range(per_prompt)]
+    if seed is not None:
+        torch.manual_seed(seed)
     texts = []
     for start in range(0, len(repeated), batch_size):
         ids, mask = left_pad(repeated[start : start + batch_size], tokenizer.pad_token_id)

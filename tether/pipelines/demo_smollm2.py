@@ -60,6 +60,7 @@ class MissingModelPackage(ValueError):
 class SmolSettings:
     """Sizes of every stage; `small()` shrinks them (a tiny stand-in model) for tests."""
 
+    seed: int = 1
     pref_prompts: int = 192
     pref_samples: int = 6
     pref_margin: float = 0.4
@@ -151,7 +152,7 @@ def stage_preferences(run: Path, base: Path, files: dict[str, Path], settings: S
     out, stats_file, marker = run / "preferences.jsonl", run / "preferences_stats.json", run / "preferences.done"
     inputs = {"base": _stage_id(base / DONE) if (base / DONE).is_file() else str(base), "prompts": settings.pref_prompts, "samples": settings.pref_samples,
               "margin": settings.pref_margin, "max_new_tokens": settings.max_new_tokens,
-              "temperature": settings.temperature}
+              "temperature": settings.temperature, "seed": settings.seed}
     if _cached("preference pairs", marker, inputs):
         return json.loads(stats_file.read_text())
     policy, tokenizer = _load_policy(base)
@@ -160,7 +161,7 @@ def stage_preferences(run: Path, base: Path, files: dict[str, Path], settings: S
     records = records[: settings.pref_prompts]
     prompt_ids, _ = tokenize_prompts(records, tokenizer, max_prompt_length=settings.ppo["max_prompt_length"])
     responses = sample_ids(policy, tokenizer, prompt_ids, settings.pref_samples, settings.max_new_tokens,
-                           settings.temperature, batch_size=96)
+                           settings.temperature, batch_size=96, seed=settings.seed)
     pairs = []
     for record, group in zip(records, responses):
         pairs += margin_pairs(record["prompt"], group, vader_compound(group), settings.pref_margin)
@@ -211,7 +212,7 @@ def stage_ppo(run: Path, base: Path, files: dict[str, Path], settings: SmolSetti
 def run_smollm2_demo(output_dir: str | Path = "runs/demo-smollm2", fresh: bool = False,
                      settings: Optional[SmolSettings] = None, base: Optional[Path] = None) -> dict:
     """The pipeline; `base` is an already converted model directory (tests pass a tiny stand-in)."""
-    from tether.pipelines.ppo import set_threads
+    from tether.pipelines.ppo import return_freed_memory_to_os, set_threads
     from tether.report import build_report
 
     settings = settings or SmolSettings()
@@ -221,6 +222,7 @@ def run_smollm2_demo(output_dir: str | Path = "runs/demo-smollm2", fresh: bool =
         _empty(run)
     run.mkdir(parents=True, exist_ok=True)
     set_threads(0)
+    return_freed_memory_to_os()
     timings, start = {}, time.perf_counter()
     if base is None:
         base = _timed(timings, "base", lambda: stage_base(run, gguf), "1/5 base: SmolLM2-135M-Instruct from its GGUF file")

@@ -425,12 +425,19 @@ class PPOTrainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Proxy score, gold score, KL and text health on the fixed held-out prompts."""
+        """Proxy score, gold score, KL and text health on the fixed held-out prompts.
+
+        Sampled from a random stream of its own, seeded the same at every evaluation: evaluating
+        never changes what training samples (eval_every is not a training setting), and every
+        evaluation draws the same random numbers, so before/after differ by the policy alone."""
         cfg = self.cfg
         prompt_ids, prompt_mask = left_pad(self.eval_prompts, self.tokenizer.pad_token_id)
         self.roles.eval()
-        rollout = collect_rollout(self.roles, self.tokenizer, prompt_ids.to(self.device), prompt_mask.to(self.device), self.settings,
-                                  cfg.rollout_batch_size or cfg.batch_size)
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(cfg.seed + 3)
+            rollout = collect_rollout(self.roles, self.tokenizer, prompt_ids.to(self.device),
+                                      prompt_mask.to(self.device), self.settings, cfg.rollout_batch_size or cfg.batch_size)
         mask = rollout.response_mask
         kl = ((rollout.logprobs - rollout.ref_logprobs) * mask).sum(-1)  # k1 summed per response
         metrics = {"eval/score": rollout.scores.mean().item(), "eval/kl": kl.mean().item(),

@@ -4,7 +4,9 @@ One optimizer step, top to bottom:
   1. batch      the next ``batch_size`` pairs of a seeded shuffled stream over the epochs
                 (with ``batch_by_prompt``: shuffled prompts, each prompt's pairs kept together)
   2. forward    chosen and rejected sequences in one padded forward pass per micro-batch, each
-                distinct sequence once; the score is read at the last real token (N-details item 5)
+                distinct sequence once; the score is read at the last real token (N-details item 5).
+                With a LoRA adapter on the top blocks only, the frozen blocks below run once per
+                distinct sequence (the trunk cache, up to ``trunk_cache_mb``), not once per epoch
   3. loss       ``-log σ(r_c - r_r)`` summed and divided by the pairs in the *whole* batch,
                 so ``gradient_accumulation_steps`` micro-batches give exactly one batch's gradient
   4. step       a non-finite loss or gradient norm raises before anything reaches the weights;
@@ -36,6 +38,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -45,7 +48,14 @@ from torch import Tensor, nn
 from tether.algo import pairwise_loss
 from tether.config import RewardConfig
 from tether.data import PromptSampler, left_pad, right_pad
-from tether.models import eos_token_ids, last_hidden_state, reward_model_forward, score_head
+from tether.models import (
+    eos_token_ids,
+    last_hidden_state,
+    lower_blocks_output,
+    reward_model_forward,
+    score_head,
+    start_at_block,
+)
 from tether.rollout import GenerationSettings, sample_responses
 from tether.tracking import MetricSink
 from tether.trainers.ppo import NonFiniteError, lr_lambda
@@ -121,6 +131,68 @@ def init_score_head(head: nn.Linear, generator: Optional[torch.Generator] = None
             head.bias.zero_()
 
 
+# --- the trunk cache ------------------------------------------------------------------
+
+
+def frozen_trunk_end(model: nn.Module) -> int:
+    """Index of the lowest block a LoRA reward model adapts (0: every block trains, nothing to cache)."""
+    from tether.lora import LoraRewardModel, adapter_layers
+
+    if not isinstance(model, LoraRewardModel):
+        return 0
+    layers = adapter_layers(model.peft, "reward")
+    return 0 if layers is None else min(layers)
+
+
+def has_base_dropout(model: nn.Module) -> bool:
+    """Dropout outside the adapters (modules or config rates): a cached trunk would freeze one draw."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Dropout) and module.p > 0 and "lora_dropout" not in name:
+            return True
+    config = model.config.to_dict() if hasattr(model.config, "to_dict") else {}
+    return any(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+               for k, v in config.items() if k.endswith(("dropout", "pdrop")))
+
+
+class TrunkCache:
+    """Output of the frozen blocks below a reward adapter, per distinct sequence, up to `max_bytes`.
+
+    Those blocks are the same function in every epoch, so each sequence's trunk is computed
+    once and the adapted blocks start from it (`start_at_block`); right padding keeps each
+    row's hidden states independent of the batch it was padded in.
+    """
+
+    def __init__(self, backbone: nn.Module, end: int, max_bytes: int):
+        self.backbone, self.end, self.max_bytes = backbone, end, max_bytes
+        self.width = backbone.config.get_text_config().hidden_size
+        self.dtype = next(backbone.parameters()).dtype
+        self.rows: dict[tuple[int, ...], Tensor] = {}  # sequence -> (len, H)
+        self.bytes = 0
+
+    def trunk(self, sequences: list[list[int]], input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(U, L, H) trunk of the right-padded batch `input_ids` of `sequences`; computes the missing rows."""
+        keys = [tuple(seq) for seq in sequences]
+        missing = [i for i, key in enumerate(keys) if key not in self.rows]
+        computed = {}
+        if missing:
+            rows = torch.tensor(missing, device=input_ids.device)
+            hidden = lower_blocks_output(self.backbone, self.end, input_ids[rows], attention_mask[rows])
+            for j, i in enumerate(missing):
+                computed[i] = hidden[j, : len(keys[i])]
+                self._keep(keys[i], computed[i])
+        out = input_ids.new_zeros((*input_ids.shape, self.width), dtype=self.dtype)
+        for i, key in enumerate(keys):
+            row = computed.get(i, self.rows.get(key))
+            out[i, : len(key)] = row
+        return out
+
+    def _keep(self, key: tuple[int, ...], row: Tensor) -> None:
+        size = row.numel() * row.element_size()
+        if self.bytes + size <= self.max_bytes:
+            self.rows[key] = row.clone()
+            self.bytes += size
+
+
 # --- the trainer ----------------------------------------------------------------------
 
 
@@ -144,9 +216,20 @@ class RewardTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(cfg.lr_schedule, cfg.warmup_steps, self.total_steps))
         self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.trunks = self.make_trunk_cache(model, cfg.trunk_cache_mb)
         self._order: list[int] = []  # rest of the current epoch's permutation
         self.pairs_seen = 0
         self.step = 0
+
+    @staticmethod
+    def make_trunk_cache(model: nn.Module, megabytes: int) -> Optional[TrunkCache]:
+        end = frozen_trunk_end(model)
+        if end == 0 or megabytes <= 0:
+            return None
+        if has_base_dropout(model):
+            log.info("the base model has dropout: the frozen blocks run in every epoch (no trunk cache)")
+            return None
+        return TrunkCache(model.base_model, end, megabytes * 2**20)
 
     # --- the run -------------------------------------------------------------------
 
@@ -170,6 +253,8 @@ class RewardTrainer:
         finally:
             bar.close()
         metrics["time/train_s"] = time.perf_counter() - start
+        if self.trunks is not None:
+            metrics["train/trunk_cached_sequences"] = float(len(self.trunks.rows))
         return metrics
 
     def train_step(self) -> dict[str, float]:
@@ -253,7 +338,13 @@ class RewardTrainer:
         """
         unique, where = distinct_sequences(pairs.chosen + pairs.rejected)
         input_ids, attention_mask = right_pad(unique, self.pad_id)  # (U, L), U <= 2N
-        scores = reward_model_forward(self.model, input_ids.to(self.device), attention_mask.to(self.device))
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        start = nullcontext()
+        if self.trunks is not None:
+            trunk = self.trunks.trunk(unique, input_ids, attention_mask)  # (U, L, H)
+            start = start_at_block(self.trunks.backbone, self.trunks.end, trunk)
+        with start:
+            scores = reward_model_forward(self.model, input_ids, attention_mask)
         scores = scores[torch.tensor(where, device=scores.device)]  # (2N,)
         return scores[: len(pairs)], scores[len(pairs):]
 
