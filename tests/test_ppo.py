@@ -233,15 +233,19 @@ def test_reward_model_and_critic_from_it(tiny_dirs, tmp_path):
     assert as_is.roles.reward.eos is None
 
 
-def test_non_finite_reward_is_a_clear_error_and_keeps_earlier_checkpoints(tiny_dirs, tmp_path):
+def test_a_reward_function_that_raises_names_the_response_and_keeps_earlier_checkpoints(tiny_dirs, tmp_path):
     module = tmp_path / "bad_reward.py"
-    module.write_text("calls = []\n"
+    module.write_text("calls, bad = [], []\n"
                       "def reward(responses):\n"
                       "    calls.append(1)\n"
-                      "    return [float('nan') if len(calls) > 1 else 0.5 for _ in responses]\n")
+                      "    if len(calls) == 2:\n"
+                      "        bad.append(responses[2])\n"
+                      "    if bad and bad[0] in responses:\n"
+                      "        raise ValueError('cannot score this one')\n"
+                      "    return [0.5 for _ in responses]\n")
     cfg = config_from_dict(PPOConfig, base_overrides(tiny_dirs, tmp_path, reward_fn=f"{module}:reward",
                                                      total_updates=3, save_every=1))
-    with pytest.raises(RewardError, match="non-finite score .* item 0"):
+    with pytest.raises(RewardError, match=r"raised ValueError: cannot score this one on response \d+ '"):
         run_ppo(cfg)
     run = tmp_path / "run"
     assert (run / "checkpoint-1" / "model.safetensors").is_file()

@@ -44,17 +44,62 @@ def save_checkpoint(path: Path, policy, tokenizer, critic=None, state: Optional[
     return path
 
 
+def load_weights(model: torch.nn.Module, directory: Path, skip: tuple[str, ...] = ()) -> None:
+    """Copy the weights `save_pretrained` wrote in `directory` (safetensors, one file or shards) into
+    `model`, exactly. Keys save_pretrained leaves out are only ever tied copies of saved ones."""
+    from safetensors.torch import load_file
+
+    files = [f for f in sorted(Path(directory).glob("*.safetensors")) if f.name not in skip]
+    if not files:
+        raise FileNotFoundError(f"no weights (*.safetensors) in {directory}: the checkpoint is incomplete")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    own = model.state_dict()
+    saved_storage = {own[k].data_ptr() for k in state if k in own}
+    untied = [k for k in missing if own[k].data_ptr() not in saved_storage]
+    if untied or unexpected:
+        raise ValueError(f"the checkpoint {directory} does not match the model: missing {untied[:5]}, "
+                         f"unexpected {list(unexpected)[:5]}; resume with the model the run was started with")
+
+
 def load_trainer_tensors(path: Path) -> dict[str, Any]:
     """Optimizer/scheduler/RNG states; weights_only so nothing foreign is ever unpickled."""
     return torch.load(Path(path) / "trainer_state.pt", weights_only=True)
 
 
-def rng_state() -> dict[str, Any]:
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
+def rng_state() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The python, numpy and torch (CPU, CUDA) random streams as (JSON state, tensors) for a checkpoint."""
+    numpy_rng = np.random.get_state()
+    state = {"python_rng": _to_lists(random.getstate()), "numpy_rng": [numpy_rng[0], *numpy_rng[2:]]}
+    tensors = {"torch_rng": torch.get_rng_state(), "numpy_rng_keys": torch.from_numpy(numpy_rng[1].astype(np.int64))}
+    if torch.cuda.is_available():
+        tensors["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return state, tensors
+
+
+def set_rng_state(state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """Put back what `rng_state` took: the next random number is the one the saved run would have drawn."""
+    random.setstate(_to_tuples(state["python_rng"]))
+    name, *rest = state["numpy_rng"]
+    np.random.set_state((name, tensors["numpy_rng_keys"].numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(tensors["torch_rng"])
+    if "cuda_rng" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(tensors["cuda_rng"])
+
+
+def read_trainer_state(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(trainer_state.json, trainer_state.pt) of a checkpoint directory."""
+    return json.loads((Path(path) / "trainer_state.json").read_text()), load_trainer_tensors(path)
+
+
+def _to_lists(value):
+    return [_to_lists(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def _to_tuples(value):
+    return tuple(_to_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 def seed_everything(seed: int) -> None:

@@ -67,25 +67,29 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tether", description="RLHF with PPO for Hugging Face causal LMs.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="Show the full traceback of a failure (also TETHER_DEBUG=1).")
+    parser = argparse.ArgumentParser(prog="tether", description="RLHF with PPO for Hugging Face causal LMs.",
+                                     parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (cls, _, summary) in STAGES.items():
         stage = sub.add_parser(
-            name, help=summary, formatter_class=argparse.RawDescriptionHelpFormatter,
+            name, help=summary, formatter_class=argparse.RawDescriptionHelpFormatter, parents=[common],
             description=summary + " Options go in a YAML file (--config) and/or key=value overrides, which win.",
             epilog="options (key=default  [type]):\n" + describe_options(cls))
         stage.add_argument("--config", help="YAML file of options.")
         stage.add_argument("overrides", nargs="*", metavar="key=value", help="Options overriding the YAML file.")
         stage.set_defaults(run=_run_stage)
-    report = sub.add_parser("report", help="Rebuild report.html and plots from a PPO run directory.")
+    report = sub.add_parser("report", parents=[common], help="Rebuild report.html and plots from a PPO run directory.")
     report.add_argument("run_dir", help="A run directory with metrics.jsonl and samples.jsonl.")
     report.set_defaults(run=_report)
-    export = sub.add_parser("export", help="Merge a LoRA policy adapter (a run's final/ or checkpoint-N/) into its "
+    export = sub.add_parser("export", parents=[common], help="Merge a LoRA policy adapter (a run's final/ or checkpoint-N/) into its "
                             "base and save a plain transformers model.")
     export.add_argument("adapter_dir", help="A directory with adapter_config.json (peft format).")
     export.add_argument("output_dir", help="Where the merged model and tokenizer go.")
     export.set_defaults(run=_export)
-    demo = sub.add_parser("demo", help="The whole pipeline offline on CPU: SFT -> reward model -> PPO, with a "
+    demo = sub.add_parser("demo", parents=[common], help="The whole pipeline offline on CPU: SFT -> reward model -> PPO, with a "
                           "gold scorer and an HTML report.")
     demo.add_argument("--model", choices=["toy", "smollm2"], default="toy",
                       help="'toy': a small GPT trained here from scratch (SFT -> reward model -> PPO, ~6-9 min). "
@@ -98,25 +102,55 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_INPUT, EXIT_RUNTIME = 2, 1  # fix the config/data/paths | the run failed while running
+
+
+def failure(err: BaseException) -> tuple[int, str]:
+    """(exit code, one-line message) for an expected failure; the message names the item and the fix."""
+    from tether.rewards import RewardError, RewardLoadError
+    from tether.trainers.ppo import NonFiniteError, TrainingStopped
+
+    if isinstance(err, TrainingStopped):
+        return err.exit_code, str(err)
+    if isinstance(err, KeyboardInterrupt):
+        return 130, ("interrupted; checkpoints already in the run directory are intact (a first Ctrl-C during "
+                     "training stops after the update with a checkpoint, a second one at once)")
+    if isinstance(err, ConfigError):
+        return EXIT_INPUT, f"config error: {err}"
+    if isinstance(err, RewardLoadError):
+        return EXIT_INPUT, str(err)
+    if isinstance(err, (RewardError, NonFiniteError)):
+        return EXIT_RUNTIME, str(err)
+    if isinstance(err, (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)):
+        # A path that cannot be used (an output directory that is a file, no permission): name it.
+        return EXIT_INPUT, (f"cannot use {err.filename}: {err.strerror} (an output directory must not be an "
+                            "existing file; check the path and its permissions)")
+    if isinstance(err, (ValueError, FileNotFoundError, ImportError)):
+        return EXIT_INPUT, str(err)
+    if isinstance(err, OSError):  # e.g. a model id that is neither a directory here nor reachable on the hub
+        return EXIT_INPUT, f"{str(err).strip().splitlines()[0]}"
+    if isinstance(err, MemoryError):
+        return EXIT_RUNTIME, ("out of memory; lower batch_size (or set gradient_accumulation_steps), "
+                              "max_new_tokens, or use placement=shared_base with lora_layers")
+    return EXIT_RUNTIME, (f"unexpected {type(err).__name__}: {err} (rerun with --debug or TETHER_DEBUG=1 for the "
+                          "traceback, and please report it)")
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "huggingface_hub", "transformers", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False) or os.environ.get("TETHER_DEBUG", "") not in ("", "0")
     try:
         return args.run(args)
-    except ConfigError as err:
-        print(f"tether: config error: {err}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError) as err:
-        print(f"tether: error: {err}", file=sys.stderr)
-        return 1
-    except (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as err:
-        # A path that cannot be used (an output directory that is a file, no permission): name it.
-        print(f"tether: error: cannot use {err.filename}: {err.strerror} (an output directory must not be an "
-              "existing file; check the path and its permissions)", file=sys.stderr)
-        return 1
+    except (Exception, KeyboardInterrupt) as err:
+        if debug:
+            raise
+        code, message = failure(err)
+        print(f"tether: error: {message}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

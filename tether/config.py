@@ -126,6 +126,10 @@ class PPOConfig:
     output_dir: str = opt("runs/ppo", "Run directory: config.yaml, metrics.jsonl, samples.jsonl, checkpoints.")
     seed: int = opt(0, "Random seed (python, numpy, torch, data order).")
     save_every: int = opt(0, "Save a checkpoint every N updates (0 = only at the end).")
+    keep_checkpoints: int = opt(0, "Keep only the newest N checkpoint-* directories (0 = all).")
+    resume: bool = opt(False, "Continue the run in output_dir from its latest complete checkpoint, exactly (weights, optimizers, schedulers, RNG states, data position, logs truncated to the checkpoint). Refused if the config differs from the run's, except keys safe to change: total_updates/max_steps, save_every, keep_checkpoints, eval_every, sample_every, num_samples, logging, progress, num_threads.")
+    overwrite: bool = opt(False, "Replace the run already in output_dir: its config, logs and checkpoints are deleted, once every check before training has passed.")
+    max_skipped_updates: int = opt(3, "Stop, with a checkpoint, after this many updates in a row skipped because a score, loss or gradient was not finite.")
     sample_every: int = opt(10, "Write samples.jsonl rows every N updates (and the first and last).")
     num_samples: int = opt(4, "How many samples to write each time.")
     log_with: list[str] = opt([], "Extra metric sinks: 'tensorboard', 'wandb' (JSONL is always written).")
@@ -140,6 +144,7 @@ class PPOConfig:
     def validate(self) -> None:
         """Reject missing and inconsistent settings before anything loads."""
         _require(self, "policy", "prompts")
+        _check_model_paths(self, "policy", "reference", "critic", "reward_model", "tokenizer", "reward_tokenizer")
         if (self.reward_model is None) == (self.reward_fn is None):
             raise ConfigError("set exactly one of reward_model (a model path) or reward_fn ('module:function')")
         if self.reward_fn is not None and ":" not in self.reward_fn:
@@ -155,9 +160,18 @@ class PPOConfig:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.gold_reward_fn is not None and ":" not in self.gold_reward_fn:
             raise ConfigError(f"gold_reward_fn must look like 'package.module:function', got {self.gold_reward_fn!r}")
-        _positive(self, "eval_every", "eval_max_prompts")
+        _positive(self, "eval_every", "eval_max_prompts", "max_skipped_updates")
         _non_negative(self, "top_k", "warmup_steps", "save_every", "sample_every", "num_samples",
-                      "rollout_batch_size", "kl_coef", "vf_coef", "entropy_coef", "num_threads", "critic_warmup_updates")
+                      "rollout_batch_size", "kl_coef", "vf_coef", "entropy_coef", "num_threads", "critic_warmup_updates",
+                      "keep_checkpoints", "ptx_coef", "weight_decay")
+        _positive_if_set(self, "max_grad_norm", "value_clip_eps", "clip_eps_low", "clip_eps_high", "score_clip",
+                         "critic_learning_rate", "target_kl_stop")
+        for key in ("adam_eps",):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{key} must be > 0, got {getattr(self, key)}")
+        if self.clip_eps_low is not None and self.clip_eps_low >= 1:
+            raise ConfigError(f"clip_eps_low must be in (0, 1): the ratio's lower bound is 1 - clip_eps_low, got "
+                              f"{self.clip_eps_low}")
         if self.critic_warmup_updates >= self.total_updates:
             raise ConfigError(f"critic_warmup_updates={self.critic_warmup_updates} leaves no update for the policy; "
                               f"it must be below total_updates={self.total_updates}")
@@ -213,6 +227,36 @@ def _positive(cfg: Any, *keys: str) -> None:
     for key in keys:
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key} must be >= 1, got {getattr(cfg, key)}")
+
+
+def _check_model_paths(cfg: Any, *keys: str) -> None:
+    """A model given as a local path must exist (a hub id is left to the hub): a typo fails here, in
+    one line, before anything loads."""
+    from tether.data import _looks_like_path
+
+    for key in keys:
+        value = getattr(cfg, key)
+        if value is None or not isinstance(value, str):
+            continue
+        path = Path(value).expanduser()
+        if not path.exists():
+            if _looks_like_path(value):
+                raise ConfigError(f"{key}={value}: no such directory; point {key} at a model directory "
+                                  "(with config.json) or a hub id")
+        elif path.is_file():
+            raise ConfigError(f"{key}={value} is a file; {key} takes a model directory (save_pretrained) or a hub id")
+        elif not any((path / name).is_file() for name in ("config.json", "adapter_config.json", "tokenizer.json",
+                                                           "tokenizer_config.json")):
+            raise ConfigError(f"{key}={value} holds no model (no config.json or adapter_config.json); point it at "
+                              "the directory save_pretrained wrote (a run's final/)")
+
+
+def _positive_if_set(cfg: Any, *keys: str) -> None:
+    """Optional settings that mean nothing at or below 0 (max_grad_norm=-1 would flip every gradient)."""
+    for key in keys:
+        value = getattr(cfg, key)
+        if value is not None and not value > 0:
+            raise ConfigError(f"{key} must be > 0 or null (off), got {value}")
 
 
 def _non_negative(cfg: Any, *keys: str) -> None:
@@ -403,6 +447,9 @@ class SFTConfig:
     # --- run ------------------------------------------------------------------
     output_dir: str = opt("runs/sft", "Run directory: config.yaml, metrics.jsonl and the model in save_pretrained format.")
     save_every: int = opt(0, "Also save the model to output_dir/checkpoint-N every N steps (0 = only output_dir/final).")
+    keep_checkpoints: int = opt(0, "Keep only the newest N checkpoint-* directories (0 = all).")
+    resume: bool = opt(False, "Continue the run in output_dir from its latest complete checkpoint-N (save_every), exactly: weights or adapter, optimizer, schedule, RNG streams, data position, metrics truncated to the checkpoint. Refused if the config differs from the run's, except keys safe to change (max_steps, max_seconds, save_every, keep_checkpoints, progress, num_threads).")
+    overwrite: bool = opt(False, "Replace the run already in output_dir: its config, logs and checkpoints are deleted, once every check before training has passed.")
     seed: int = opt(0, "Random seed.")
     progress: bool = opt(True, "Show a progress bar.")
     num_threads: int = opt(0, "torch CPU threads (0 = number of cores).")
@@ -412,6 +459,7 @@ class SFTConfig:
 
     def validate(self) -> None:
         _require(self, "data")
+        _check_model_paths(self, "model", "tokenizer")
         if self.init == "pretrained" and not self.model:
             raise ConfigError("model is required unless init=scratch (then arch/hidden/layers/heads define it)")
         _positive(self, "batch_size", "gradient_accumulation_steps", "max_steps", "block_size", "eval_every",
@@ -424,7 +472,8 @@ class SFTConfig:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
-        _non_negative(self, "warmup_steps", "num_threads", "weight_decay", "save_every")
+        _non_negative(self, "warmup_steps", "num_threads", "weight_decay", "save_every", "keep_checkpoints")
+        _positive_if_set(self, "max_grad_norm", "max_seconds")
         _check_lora(self)
         if self.lora_rank and self.init == "scratch":
             raise ConfigError("lora_rank needs a pretrained model to adapt; with init=scratch train every weight "
@@ -477,6 +526,10 @@ class RewardConfig:
 
     # --- run ------------------------------------------------------------------
     output_dir: str = opt("runs/reward", "Run directory: config.yaml, metrics.jsonl and the model (AutoModelForSequenceClassification).")
+    save_every: int = opt(0, "Save a checkpoint-N every N optimizer steps (0 = only final/).")
+    keep_checkpoints: int = opt(0, "Keep only the newest N checkpoint-* directories (0 = all).")
+    resume: bool = opt(False, "Continue the run in output_dir from its latest complete checkpoint-N (save_every), exactly: weights or adapter and head, optimizer, schedule, RNG streams, data order, metrics truncated to the checkpoint. Refused if the config differs from the run's, except keys safe to change (save_every, keep_checkpoints, progress, num_threads).")
+    overwrite: bool = opt(False, "Replace the run already in output_dir: its config, logs and checkpoints are deleted, once every check before training has passed.")
     seed: int = opt(0, "Random seed.")
     progress: bool = opt(True, "Show a progress bar.")
     num_threads: int = opt(0, "torch CPU threads (0 = number of cores).")
@@ -486,6 +539,7 @@ class RewardConfig:
 
     def validate(self) -> None:
         _require(self, "model", "data")
+        _check_model_paths(self, "model", "tokenizer", "normalize_policy")
         _positive(self, "batch_size", "gradient_accumulation_steps", "max_length", "eval_every", "normalize_samples",
                   "normalize_max_new_tokens")
         _divisible(self, "batch_size", "gradient_accumulation_steps")
@@ -495,5 +549,7 @@ class RewardConfig:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if (self.normalize_policy is None) != (self.normalize_prompts is None):
             raise ConfigError("normalize_policy and normalize_prompts go together: set both or neither")
-        _non_negative(self, "warmup_steps", "num_threads", "weight_decay", "trunk_cache_mb")
+        _non_negative(self, "warmup_steps", "num_threads", "weight_decay", "trunk_cache_mb", "save_every",
+                      "keep_checkpoints")
+        _positive_if_set(self, "max_grad_norm")
         _check_lora(self)

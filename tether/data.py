@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -121,24 +122,35 @@ def _read_record_file(path: Path) -> list:
     )
 
 
+def read_utf8(path: Path) -> str:
+    """The file's text; a byte that is not UTF-8 is named with its line (a BOM is dropped)."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise DataError(f"{path}: line {line} is not UTF-8 (byte {raw[err.start]:#04x}: {err.reason}); save the "
+                        "file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from None
+
+
 def _read_jsonl(path: Path) -> list:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue  # tolerate blank lines, e.g. a trailing newline pair
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise DataError(
-                    f"{path}: line {line_number} is not valid JSON ({err.msg}); "
-                    "each line of a .jsonl file must be one JSON object"
-                ) from err
+    # split("\n"), not splitlines(): a JSON string may hold U+2028 and other line separators.
+    for line_number, line in enumerate(read_utf8(path).split("\n"), start=1):
+        if not line.strip():
+            continue  # tolerate blank lines, e.g. a trailing newline pair
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise DataError(
+                f"{path}: line {line_number} is not valid JSON ({err.msg}); "
+                "each line of a .jsonl file must be one JSON object"
+            ) from err
     return rows
 
 
 def _read_json(path: Path) -> list:
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
@@ -159,10 +171,11 @@ def _read_json(path: Path) -> list:
 def _read_csv(path: Path) -> list:
     # Cells stay strings: guessing types would turn a prompt like "0042" into 42.
     # utf-8-sig drops the byte-order mark spreadsheet programs put before the header.
-    with open(path, encoding="utf-8-sig", newline="") as f:
+    with io.StringIO(read_utf8(path), newline="") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames:
             return []
+        _check_delimiter(path, reader.fieldnames)
         rows = []
         for row in reader:
             if None in row:
@@ -172,6 +185,16 @@ def _read_csv(path: Path) -> list:
                 )
             rows.append(row)
         return rows
+
+
+def _check_delimiter(path: Path, header: list[str]) -> None:
+    """A one-column header holding ';', tab or '|' is a file written with another delimiter."""
+    if len(header) != 1:
+        return
+    for delimiter, name in ((";", "semicolon"), ("\t", "tab"), ("|", "pipe")):
+        if delimiter in header[0]:
+            raise DataError(f"{path}: the header {header[0]!r} is one column: the file looks {name}-separated, and "
+                            "tether reads comma-separated .csv: export it with commas, or as .jsonl")
 
 
 def _read_parquet(path: Path) -> list:
@@ -532,7 +555,7 @@ def load_texts(source: str, text_field: str = "text", split: str = "train") -> l
     if path.suffix.lower() == TEXT_SUFFIX:
         if not path.is_file():
             raise DataError(f"file not found: {source}")
-        texts = _paragraphs(path.read_text(encoding="utf-8"))
+        texts = _paragraphs(read_utf8(path))
     else:
         texts = _texts_of(load_records(source, split=split), text_field, source)
     texts = [t for t in texts if t.strip()]

@@ -111,6 +111,17 @@ class Doctor:
         self.first_shares: Optional[dict[str, float]] = None
         self.named_phrases: set[str] = set()
 
+    def state_dict(self) -> dict:
+        """Its memory (JSON-serialisable): a resumed run names nothing twice and compares with the same start."""
+        return {"history": self.history, "active": sorted(self.active), "first_shares": self.first_shares,
+                "named_phrases": sorted(self.named_phrases)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = list(state["history"])
+        self.active = set(state["active"])
+        self.first_shares = state["first_shares"]
+        self.named_phrases = set(state["named_phrases"])
+
     def check_phrases(self, update: int, responses: list[str]) -> list[str]:
         """Names a phrase that has spread from few responses (≤ 10%) to most of them, once: a phrase
         that overlaps one already named ("united" after "the united states") is the same habit."""

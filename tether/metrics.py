@@ -76,6 +76,9 @@ PPO_METRICS: tuple[Metric, ...] = (
     Metric("ppo/optimizer_steps", "Optimizer steps taken this update (ppo_epochs × num_minibatches unless stopped "
            "early by `target_kl_stop`).", "Equal to ppo_epochs × num_minibatches."),
     Metric("ppo/early_stopped", "1 when `target_kl_stop` cut the update short, else 0.", "Mostly 0."),
+    Metric("ppo/skipped_updates", "Updates skipped so far because a score, log-prob, value, loss or gradient was "
+           "not finite (nothing non-finite reaches the weights; the reason is in doctor.jsonl). A skipped update "
+           "logs only this metric.", "0. After `max_skipped_updates` in a row the run stops with a checkpoint."),
     Metric("time/rollout_s", "Seconds spent sampling and scoring.", "Stable."),
     Metric("time/generate_s", "Seconds of the rollout spent sampling responses.", "Most of the rollout."),
     Metric("time/score_s", "Seconds of the rollout spent on policy/reference log-probs, values and scores.",

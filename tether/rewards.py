@@ -20,6 +20,10 @@ class RewardError(ValueError):
     """A reward source returned something unusable; the message names the item."""
 
 
+class RewardLoadError(RewardError):
+    """reward_fn / gold_reward_fn cannot be imported: a configuration problem, found before any model loads."""
+
+
 class RewardSource(Protocol):
     def score(self, prompts: list[str], responses: list[str], input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """(B,) float32 scores for prompt+response. input_ids/attention_mask are the policy's tokens."""
@@ -35,21 +39,34 @@ class FunctionReward:
         self.wants_prompts = "prompts" in inspect.signature(fn).parameters
 
     def score(self, prompts, responses, input_ids=None, attention_mask=None) -> Tensor:
-        raw = self.fn(responses, prompts=prompts) if self.wants_prompts else self.fn(responses)
+        try:
+            raw = self._call(prompts, responses)
+        except Exception as err:  # the user's code: find the response it fails on, and name it
+            raise RewardError(self._failure(prompts, responses, err)) from err
         return check_scores(raw, responses, self.name)
+
+    def _call(self, prompts, responses):
+        return self.fn(responses, prompts=prompts) if self.wants_prompts else self.fn(responses)
+
+    def _failure(self, prompts, responses, err: Exception) -> str:
+        for i, response in enumerate(responses):
+            try:
+                self._call(prompts[i : i + 1], [response])
+            except Exception as single:
+                return (f"reward {self.name} raised {type(single).__name__}: {single} on response {i} "
+                        f"{response[:200]!r} (prompt {prompts[i][:100]!r}); fix the function for that input")
+        return f"reward {self.name} raised {type(err).__name__}: {err} on a batch of {len(responses)} responses"
 
 
 def check_scores(raw: Sequence[float], responses: list[str], name: str) -> Tensor:
-    """Never let a wrong count or a NaN from a reward reach training."""
+    """Never let a wrong count from a reward reach training. A NaN/inf is passed on: the trainer
+    skips that update (and names the response), as it does for every other non-finite value."""
     try:
         values = [float(v) for v in raw]
     except (TypeError, ValueError) as err:
         raise RewardError(f"reward {name} must return a list of numbers, got {type(raw).__name__}: {err}") from err
     if len(values) != len(responses):
         raise RewardError(f"reward {name} returned {len(values)} scores for {len(responses)} responses")
-    for i, v in enumerate(values):
-        if not math.isfinite(v):
-            raise RewardError(f"reward {name} returned a non-finite score {v} for item {i}: {responses[i][:200]!r}")
     return torch.tensor(values, dtype=torch.float32)
 
 
@@ -57,27 +74,33 @@ def load_reward_fn(spec: str) -> FunctionReward:
     """'package.module:function' or 'path/to/file.py:function'."""
     module_name, _, attr = spec.rpartition(":")
     if not module_name or not attr:
-        raise RewardError(f"reward_fn must look like 'module:function', got {spec!r}")
+        raise RewardLoadError(f"reward_fn must look like 'module:function', got {spec!r}")
     if module_name.endswith(".py"):
         module = _module_from_file(module_name)
     else:
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as err:
-            raise RewardError(f"reward_fn {spec!r}: cannot import module {module_name!r} ({err})") from err
+            raise RewardLoadError(f"reward_fn {spec!r}: cannot import module {module_name!r} ({err})") from err
+        except Exception as err:
+            raise RewardLoadError(f"reward_fn {spec!r}: module {module_name!r} fails to import: "
+                                  f"{type(err).__name__}: {err}") from err
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise RewardError(f"reward_fn {spec!r}: module {module_name!r} has no function {attr!r}")
+        raise RewardLoadError(f"reward_fn {spec!r}: module {module_name!r} has no function {attr!r}")
     return FunctionReward(fn, name=spec)
 
 
 def _module_from_file(path: str):
     file = Path(path)
     if not file.is_file():
-        raise RewardError(f"reward_fn file not found: {path}")
+        raise RewardLoadError(f"reward_fn file not found: {path}")
     spec = importlib.util.spec_from_file_location(file.stem, file)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:  # the user's module fails to import: say which and why, in one line
+        raise RewardLoadError(f"reward_fn file {path} fails to import: {type(err).__name__}: {err}") from err
     return module
 
 

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from tether.algo import append_missing_eos, last_token_index, logprobs_from_logits
-from tether.checkpoint import save_checkpoint
+from tether.checkpoint import load_weights, save_checkpoint
 from tether.models import (
     VALUE_HEAD_FILE,
     disable_dropout,
@@ -89,6 +89,9 @@ class Roles(Protocol):
     def eval(self) -> None: ...
 
     def save(self, path: Path, tokenizer, state: Optional[dict] = None, tensors: Optional[dict] = None) -> Path: ...
+
+    def load(self, path: Path) -> None:
+        """The trained weights (policy, critic) from a directory `save` wrote."""
 
 
 # --- shared helpers -----------------------------------------------------------------
@@ -161,6 +164,15 @@ class SeparateRoles:
     def save(self, path, tokenizer, state=None, tensors=None) -> Path:
         """Policy in plain transformers format at `path`, the critic in `path/critic`."""
         return save_checkpoint(path, self.policy, tokenizer, self.critic, state, tensors)
+
+    def load(self, path) -> None:
+        """Policy and critic (backbone and value head) from a directory `save` wrote, exactly."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        load_weights(self.policy, path)
+        load_weights(self.critic.backbone, path / "critic", skip=(VALUE_HEAD_FILE,))
+        self.critic.value_head.load_state_dict(load_file(str(path / "critic" / VALUE_HEAD_FILE)))
 
 
 # --- shared_base: one base, LoRA adapters ----------------------------------------------

@@ -6,6 +6,7 @@ import ctypes
 import logging
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -30,6 +31,7 @@ from tether.models import (
     torch_dtype,
 )
 from tether.rewards import ModelReward, load_reward_fn, reward_eos
+from tether.rundir import RunStart, commit_run, open_run
 from tether.roles import SeparateRoles, SharedBaseRoles
 from tether.tracking import check_sink_packages, make_tracker
 from tether.trainers.ppo import PPOTrainer
@@ -59,21 +61,40 @@ def return_freed_memory_to_os(threshold_bytes: int = 1 << 20) -> bool:
     return bool(libc.mallopt(m_mmap_threshold, threshold_bytes))
 
 
-def start_run(cfg) -> Path:
-    """Every stage starts the same way: threads, allocator, seeds, run directory with the resolved
-    config. (Validation is the caller's: it must come before anything is written.)"""
+def start_run(cfg) -> RunStart:
+    """Every stage starts the same way: threads, allocator, seeds, and the run directory checked
+    and locked (tether/rundir.py). Nothing is written yet: `commit` does that once every check
+    has passed. (Validation is the caller's: it must come before this.)"""
     set_threads(cfg.num_threads)
     return_freed_memory_to_os()
     seed_everything(cfg.seed)
-    run_dir = Path(cfg.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    return run_dir
+    return open_run(cfg.output_dir, config_to_dict(cfg), getattr(cfg, "resume", False), cfg.overwrite)
+
+
+def commit(start: RunStart, cfg, resumed_step: Optional[int] = None) -> Path:
+    """Every check has passed: clear an overwritten run, write config.yaml, truncate resumed logs."""
+    commit_run(start, lambda path: save_config(cfg, path), resumed_step)
+    return start.path
+
+
+@contextmanager
+def released_on_error(start: RunStart):
+    """A stage that fails before training leaves no lock behind (and nothing else written)."""
+    try:
+        yield
+    except BaseException:
+        start.lock.release()
+        raise
 
 
 def build_ppo_trainer(cfg: PPOConfig) -> PPOTrainer:
     cfg.validate()
-    run_dir = start_run(cfg)
+    start = start_run(cfg)
+    with released_on_error(start):
+        return _build_ppo_trainer(cfg, start)
+
+
+def _build_ppo_trainer(cfg: PPOConfig, start: RunStart) -> PPOTrainer:
     device, dtype = pick_device(cfg.device), torch_dtype(cfg.dtype)
 
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.policy)
@@ -88,9 +109,16 @@ def build_ppo_trainer(cfg: PPOConfig) -> PPOTrainer:
     roles = build_roles(cfg, tokenizer, dtype, device, reward_fn)
     gold = load_reward_fn(cfg.gold_reward_fn) if cfg.gold_reward_fn else None
     eval_prompts = load_prompts(cfg, tokenizer, cfg.eval_prompts)[: cfg.eval_max_prompts] if cfg.eval_prompts else None
-    tracker = make_tracker(run_dir, cfg.log_with, cfg.wandb_project, config_to_dict(cfg))
-    return PPOTrainer(cfg, roles, tokenizer, prompts, tracker=tracker,
-                      ptx_blocks=ptx_blocks, run_dir=run_dir, device=device, gold=gold, eval_prompts=eval_prompts)
+    trainer = PPOTrainer(cfg, roles, tokenizer, prompts, ptx_blocks=ptx_blocks, run_dir=start.path, device=device,
+                         gold=gold, eval_prompts=eval_prompts)
+    if start.checkpoint is not None:
+        trainer.load_state(start.checkpoint)
+        log.info("resuming %s from %s (update %d of %d)", start.path, start.checkpoint, trainer.update,
+                 cfg.total_updates)
+    run_dir = commit(start, cfg, trainer.update if start.checkpoint is not None else None)
+    trainer.tracker = make_tracker(run_dir, cfg.log_with, cfg.wandb_project, config_to_dict(cfg))
+    trainer.lock = start.lock
+    return trainer
 
 
 def build_roles(cfg: PPOConfig, tokenizer, dtype, device, reward_fn=None):

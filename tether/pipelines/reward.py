@@ -27,7 +27,7 @@ from typing import Any, Mapping, Optional
 import torch
 
 from tether.algo import append_missing_eos
-from tether.checkpoint import save_checkpoint
+from tether.checkpoint import load_weights, read_trainer_state, save_checkpoint
 from tether.config import ConfigError, RewardConfig, lora_settings
 from tether.lora import build_lora_reward_model, require_full_model
 from tether.data import DataError, load_records, tokenize_prompts
@@ -41,7 +41,8 @@ from tether.models import (
     same_vocabulary,
     torch_dtype,
 )
-from tether.pipelines.ppo import start_run
+from tether.pipelines.ppo import commit, start_run
+from tether.rundir import prune_checkpoints
 from tether.rewards import reward_eos
 from tether.tracking import JsonlSink
 from tether.trainers.reward import (
@@ -74,7 +75,14 @@ def run_reward(cfg: RewardConfig) -> dict[str, float]:
     """
     # 1. Config, threads, seed, run directory.
     validate_reward_config(cfg)
-    run_dir = start_run(cfg)
+    start = start_run(cfg)
+    try:
+        return _run_reward(cfg, start)
+    finally:
+        start.lock.release()
+
+
+def _run_reward(cfg: RewardConfig, start) -> dict[str, float]:
     device, dtype = pick_device(cfg.device), torch_dtype(cfg.dtype)
 
     # 2. Data before models: a bad record fails in seconds, not after loading weights.
@@ -87,15 +95,21 @@ def run_reward(cfg: RewardConfig) -> dict[str, float]:
     if cfg.normalize_policy and score_head(model) is not None and score_head(model).bias is None:
         final_norm(model)  # fail now, not after training, when the shift has nowhere to go
 
-    # 4. Train.
-    metrics_path = run_dir / "metrics.jsonl"
-    if metrics_path.exists():
-        log.warning("%s exists from an earlier run; starting it afresh", metrics_path)
-        metrics_path.unlink()
-    sink = JsonlSink(metrics_path)
+    # 4. Train, once every check has passed (config.yaml is written now, not before).
+    def save(trainer: RewardTrainer) -> None:
+        state, tensors = trainer.state()
+        save_reward_model(run_dir / f"checkpoint-{trainer.step}", model, tokenizer, state, tensors)
+        prune_checkpoints(run_dir, cfg.keep_checkpoints)
+
+    trainer = RewardTrainer(cfg, model, tokenizer.pad_token_id, train_pairs, eval_pairs, device=device, save=save)
+    if start.checkpoint is not None:
+        load_reward_weights(model, start.checkpoint)
+        trainer.load_state(*read_trainer_state(start.checkpoint))
+        log.info("resuming %s from %s (step %d of %d)", start.path, start.checkpoint, trainer.step,
+                 trainer.total_steps)
+    run_dir = commit(start, cfg, trainer.step if start.checkpoint is not None else None)
+    trainer.sink = sink = JsonlSink(run_dir / "metrics.jsonl")
     try:
-        trainer = RewardTrainer(cfg, model, tokenizer.pad_token_id, train_pairs, eval_pairs, sink=sink,
-                                device=device)
         last = trainer.train()
         summary.update({k: last[k] for k in ("train/loss", "train/accuracy", "time/train_s")})
         summary.update({k: v for k, v in last.items() if k.startswith("eval/")})
@@ -308,7 +322,20 @@ def load_reward_backbone(path: str, tokenizer, dtype: torch.dtype = torch.float3
     return model
 
 
-def save_reward_model(path: Path, model, tokenizer) -> Path:
+def load_reward_weights(model, checkpoint: Path) -> None:
+    """A reward checkpoint's trained weights into the model built for the run (adapter and head, or all)."""
+    from safetensors.torch import load_file
+
+    from tether.lora import SCORE_HEAD_FILE, LoraRewardModel, load_adapter_weights
+
+    if isinstance(model, LoraRewardModel):
+        load_adapter_weights(model.peft, "reward", checkpoint)
+        model.score.load_state_dict(load_file(str(Path(checkpoint) / SCORE_HEAD_FILE)))
+    else:
+        load_weights(model, checkpoint)
+
+
+def save_reward_model(path: Path, model, tokenizer, state=None, tensors=None) -> Path:
     """Model + tokenizer in save_pretrained format, atomically (temp dir, then rename).
 
     The saved tokenizer pads on the right and truncates on the left (kept in tokenizer_config.json),
@@ -318,7 +345,7 @@ def save_reward_model(path: Path, model, tokenizer) -> Path:
     saved = copy.deepcopy(tokenizer)
     saved.padding_side, saved.truncation_side = "right", "left"
     saved.init_kwargs.update(padding_side="right", truncation_side="left")  # what save_pretrained writes
-    return save_checkpoint(path, model, saved)
+    return save_checkpoint(path, model, saved, state=state, tensors=tensors)
 
 
 # --- score normalisation ----------------------------------------------------------------

@@ -7,13 +7,14 @@ import logging
 import random
 from pathlib import Path
 
-from tether.checkpoint import save_checkpoint
+from tether.checkpoint import load_weights, read_trainer_state, save_checkpoint
 from tether.config import SFTConfig
 from tether.data import DataError, load_records, load_texts, pack_texts
 from tether.config import lora_settings
 from tether.lora import add_lora, require_full_model
 from tether.models import load_causal_lm, load_tokenizer, pick_device, torch_dtype
-from tether.pipelines.ppo import start_run
+from tether.pipelines.ppo import commit, start_run
+from tether.rundir import prune_checkpoints
 from tether.tiny import tiny_config, train_tokenizer
 from tether.tracking import JsonlSink
 from tether.trainers.sft import SFTTrainer
@@ -23,11 +24,20 @@ log = logging.getLogger(__name__)
 
 def run_sft(cfg: SFTConfig) -> dict[str, float]:
     cfg.validate()
-    run_dir = start_run(cfg)
+    start = start_run(cfg)
+    try:
+        return _run_sft(cfg, start)
+    finally:
+        start.lock.release()
+
+
+def _run_sft(cfg: SFTConfig, start) -> dict[str, float]:
     device = pick_device(cfg.device)
 
     raw = raw_documents(cfg.data, cfg.text_field)
-    tokenizer = sft_tokenizer(cfg, raw)
+    # A resumed run whose tokenizer was trained on the data reads it back rather than retraining it.
+    tokenizer = load_tokenizer(str(start.checkpoint)) if start.checkpoint is not None and cfg.init == "scratch" \
+        and not cfg.tokenizer else sft_tokenizer(cfg, raw)
     train_docs, eval_docs = split_documents(cfg, render_documents(raw, tokenizer))
     train_blocks = pack_texts(train_docs, tokenizer, cfg.block_size)
     eval_blocks = pack_texts(eval_docs, tokenizer, cfg.block_size) if eval_docs else None
@@ -39,18 +49,38 @@ def run_sft(cfg: SFTConfig) -> dict[str, float]:
         # Non-reentrant: with a frozen base (LoRA) the reentrant variant would drop the adapters' gradients.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     log.info("model: %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
-    sink = JsonlSink(run_dir / "metrics.jsonl")
-    try:
-        def save(step: int) -> None:
-            save_checkpoint(run_dir / f"checkpoint-{step}", model, tokenizer)
 
-        summary = SFTTrainer(cfg, model, train_blocks, eval_blocks, sink, device, save=save).train()
+    def save(trainer: SFTTrainer) -> None:
+        state, tensors = trainer.state()
+        save_checkpoint(run_dir / f"checkpoint-{trainer.step_count}", model, tokenizer, state=state, tensors=tensors)
+        prune_checkpoints(run_dir, cfg.keep_checkpoints)
+
+    trainer = SFTTrainer(cfg, model, train_blocks, eval_blocks, None, device, save=save)
+    if start.checkpoint is not None:
+        load_trained_weights(model, start.checkpoint)
+        trainer.load_state(*read_trainer_state(start.checkpoint))
+        log.info("resuming %s from %s (step %d of %d)", start.path, start.checkpoint, trainer.step_count,
+                 cfg.max_steps)
+    run_dir = commit(start, cfg, trainer.step_count if start.checkpoint is not None else None)
+    trainer.sink = sink = JsonlSink(run_dir / "metrics.jsonl")
+    try:
+        summary = trainer.train()
     finally:
         sink.close()
     save_checkpoint(run_dir / "final", model, tokenizer)
     summary["train/blocks"] = float(len(train_blocks))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def load_trained_weights(model, checkpoint: Path) -> None:
+    """A checkpoint's weights into the model built for the run: the adapter of a LoRA run, else all."""
+    from tether.lora import is_adapter_dir, load_adapter_weights
+
+    if is_adapter_dir(checkpoint):
+        load_adapter_weights(model, "default", checkpoint)
+    else:
+        load_weights(model, checkpoint)
 
 
 def raw_documents(source: str, text_field: str) -> list:

@@ -14,8 +14,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
+import threading
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -42,6 +45,7 @@ from tether.algo import (
     masked_whiten,
     shape_rewards,
 )
+from tether.checkpoint import read_trainer_state, rng_state, set_rng_state
 from tether.config import PPOConfig
 from tether.data import BlockSampler, PromptSampler, left_pad
 from tether.doctor import Doctor, distinct_n
@@ -73,6 +77,40 @@ class PPOBatch:
 
 class NonFiniteError(FloatingPointError):
     """A loss or gradient became NaN/inf; the step was not applied."""
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped before its last update; `checkpoint` holds everything needed to resume it."""
+
+    def __init__(self, message: str, checkpoint: Optional[Path] = None, exit_code: int = 1):
+        super().__init__(message)
+        self.checkpoint, self.exit_code = checkpoint, exit_code
+
+
+STOP_SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # exit codes as a shell reports them
+
+
+@contextmanager
+def stop_requests(on_signal: Callable[[int], None]):
+    """While inside, SIGINT/SIGTERM call `on_signal` once (the run stops after the current update);
+    a second one interrupts at once. Outside the main thread signals cannot be caught: no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+
+    def handler(sig, _frame):
+        for s in STOP_SIGNALS:  # the second signal gets Python's default: KeyboardInterrupt / exit
+            signal.signal(s, previous[s] if s != signal.SIGINT else signal.default_int_handler)
+        on_signal(sig)
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -124,6 +162,11 @@ class PPOTrainer:
         self.eval_prompts = eval_prompts
         self.first_eval: Optional[dict] = None  # the first evaluation (update 0), kept beside last_eval
         self.update = 0
+        self.skipped_updates = 0    # over the run: updates whose score, loss or gradient was not finite
+        self.skipped_in_a_row = 0
+        self.first_skip_reason: Optional[str] = None
+        self.stop_signal: Optional[int] = None
+        self.lock = None  # the run directory's lock (tether/rundir.py), released when training ends
         self.first_minibatch_stats: dict[str, float] = {}
 
     def _optimizer(self, params: list[nn.Parameter], lr: float, total_steps: int):
@@ -141,15 +184,22 @@ class PPOTrainer:
         bar = tqdm(total=self.cfg.total_updates, initial=self.update, desc="ppo", unit="update",
                    disable=not self.cfg.progress, dynamic_ncols=True)
         try:
-            with logging_redirect_tqdm():  # doctor warnings print above the bar, not through it
+            with logging_redirect_tqdm(), stop_requests(self._request_stop):  # doctor warnings print above the bar
                 metrics = self._run_updates(bar)
+            if self.run_dir is not None:
+                self.save(self.run_dir / "final")
         finally:
             bar.close()
             if self.tracker is not None:
                 self.tracker.close()
-        if self.run_dir is not None:
-            self.save(self.run_dir / "final")
+            if self.lock is not None:
+                self.lock.release()
         return metrics
+
+    def _request_stop(self, sig: int) -> None:
+        self.stop_signal = sig
+        log.warning("%s: stopping after update %d (a second one stops at once, without a checkpoint)",
+                    signal.Signals(sig).name, self.update + 1)
 
     def _run_updates(self, bar) -> dict[str, float]:
         cfg, metrics = self.cfg, {}
@@ -158,24 +208,74 @@ class PPOTrainer:
         while self.update < cfg.total_updates:
             metrics = self.step()
             bar.update(1)
-            bar.set_postfix(score=f"{metrics['reward/score']:.3f}", kl=f"{metrics['kl/mean']:.2f}",
-                            clip=f"{metrics['policy/clipfrac']:.2f}", len=f"{metrics['response/length']:.1f}")
+            if "reward/score" in metrics:
+                bar.set_postfix(score=f"{metrics['reward/score']:.3f}", kl=f"{metrics['kl/mean']:.2f}",
+                                clip=f"{metrics['policy/clipfrac']:.2f}", len=f"{metrics['response/length']:.1f}")
+            if self.skipped_in_a_row >= cfg.max_skipped_updates:
+                self._stop(f"{self.skipped_in_a_row} updates in a row were skipped; the first because "
+                           f"{self.first_skip_reason}")
+            if self.stop_signal is not None:
+                self._stop(f"stopped by {signal.Signals(self.stop_signal).name} after update {self.update}",
+                           STOP_SIGNALS[self.stop_signal])
             if cfg.save_every and self.update % cfg.save_every == 0 and self.update < cfg.total_updates:
-                self.save(self.run_dir / f"checkpoint-{self.update}")
+                self.save_checkpoint()
         return metrics
 
+    def save_checkpoint(self) -> Optional[Path]:
+        """checkpoint-N in the run directory, keeping the newest `keep_checkpoints`."""
+        from tether.rundir import prune_checkpoints
+
+        if self.run_dir is None:
+            return None
+        path = self.save(self.run_dir / f"checkpoint-{self.update}")
+        prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)
+        return path
+
+    def _stop(self, reason: str, exit_code: int = 1) -> None:
+        """Checkpoint, then stop the run with one message saying where it is and how to go on."""
+        path = self.save_checkpoint()
+        where = (f"; checkpoint {path}; continue with the same command plus resume=true" if path is not None
+                 else "; no run directory, nothing saved")
+        raise TrainingStopped(reason + where, path, exit_code)
+
     def save(self, path: Path) -> Path:
-        """Policy + tokenizer (plain transformers format), critic, and the training state."""
+        """Policy + tokenizer (plain transformers format), critic, and the training state: everything
+        `load_state` needs to continue exactly where this update left off."""
+        rng, rng_tensors = rng_state()
         state = {"update": self.update, "kl_coef": self.kl_controller.value,
                  "kl_controller": self.kl_controller.state_dict(), "score_moments": self.score_moments.state_dict(),
                  "prompt_sampler": self.prompt_sampler.state_dict(),
-                 "ptx_sampler": self.ptx_sampler.state_dict() if self.ptx_sampler else None}
+                 "ptx_sampler": self.ptx_sampler.state_dict() if self.ptx_sampler else None,
+                 **rng, "doctor": self.doctor.state_dict(), "first_eval": self.first_eval,
+                 "skipped": [self.skipped_updates, self.skipped_in_a_row, self.first_skip_reason]}
         tensors = {"policy_optimizer": self.policy_optimizer.state_dict(),
                    "critic_optimizer": self.critic_optimizer.state_dict(),
                    "policy_scheduler": self.policy_scheduler.state_dict(),
                    "critic_scheduler": self.critic_scheduler.state_dict(),
-                   "torch_rng": torch.get_rng_state(), "shuffle_rng": self.shuffle_generator.get_state()}
+                   "shuffle_rng": self.shuffle_generator.get_state(), **rng_tensors}
         return self.roles.save(path, self.tokenizer, state, tensors)
+
+    def load_state(self, path: Path) -> None:
+        """Continue from a checkpoint `save` wrote: weights, optimizers, schedulers, controllers, data
+        position, RNG streams, the doctor's memory and the update counter."""
+        path = Path(path)
+        state, tensors = read_trainer_state(path)
+        self.roles.load(path)
+        self.policy_optimizer.load_state_dict(tensors["policy_optimizer"])
+        self.critic_optimizer.load_state_dict(tensors["critic_optimizer"])
+        self.policy_scheduler.load_state_dict(tensors["policy_scheduler"])
+        self.critic_scheduler.load_state_dict(tensors["critic_scheduler"])
+        set_rng_state(state, tensors)
+        self.shuffle_generator.set_state(tensors["shuffle_rng"])
+        self.kl_controller.load_state_dict(state["kl_controller"])
+        self.score_moments.load_state_dict(state["score_moments"])
+        self.prompt_sampler.load_state_dict(state["prompt_sampler"])
+        if self.ptx_sampler is not None and state["ptx_sampler"] is not None:
+            self.ptx_sampler.load_state_dict(state["ptx_sampler"])
+        self.doctor.load_state_dict(state["doctor"])
+        self.first_eval = state["first_eval"]
+        self.skipped_updates, self.skipped_in_a_row, self.first_skip_reason = state["skipped"]
+        self.update = state["update"]
 
     # --- the update ----------------------------------------------------------------
 
@@ -186,6 +286,14 @@ class PPOTrainer:
         # 1. Rollout (no grad): sample and score with all four roles.
         rollout = self.rollout(self.prompt_sampler.next_batch(cfg.batch_size))
         rollout_s = time.perf_counter() - start
+        bad = _first_non_finite(score=rollout.scores, **{"policy log-prob": rollout.logprobs,
+                                "reference log-prob": rollout.ref_logprobs, "value": rollout.values})
+        if bad:  # before the score statistics or any weight see it
+            name, row, value = bad
+            return self.skip_update(
+                f"the rollout had a non-finite {name} ({value}) for response {row} {rollout.responses[row][:100]!r}: "
+                + ("check the reward model or function for that input" if name == "score" else
+                   "lower learning_rate (or check the models for inf/NaN weights)"))
         # 2. Shape rewards: -β·KL_t per token, processed score on the last real token.
         raw_scores, scores = self.process_scores(rollout)
         beta = self.kl_controller.value
@@ -196,8 +304,12 @@ class PPOTrainer:
         batch = self.make_batch(rollout, rewards)
         # 4. Optimise: ppo_epochs passes over shuffled minibatches.
         train_start = time.perf_counter()
-        opt_stats = self.optimise(batch)
+        try:
+            opt_stats = self.optimise(batch)
+        except NonFiniteError as err:  # that step was not applied; the rest of the update is abandoned
+            return self.skip_update(str(err))
         train_s = time.perf_counter() - train_start
+        self.skipped_in_a_row = 0
         # 5. Control: the KL controller sees the mean summed KL per response (Ziegler et al. 2019).
         kl_per_response = kl.sum(-1).mean().item()
         self.kl_controller.update(kl_per_response, cfg.batch_size)
@@ -207,8 +319,21 @@ class PPOTrainer:
             **opt_stats,
             "time/rollout_s": rollout_s, "time/generate_s": rollout.generate_s, "time/score_s": rollout.score_s,
             "time/train_s": train_s, "time/update_s": time.perf_counter() - start,
+            "ppo/skipped_updates": float(self.skipped_updates),
         }
         self.after_update(rollout, raw_scores, metrics)
+        return metrics
+
+    def skip_update(self, reason: str) -> dict[str, float]:
+        """Count the update and log why; no non-finite value reached the weights."""
+        self.update += 1
+        self.skipped_updates += 1
+        self.skipped_in_a_row += 1
+        self.first_skip_reason = self.first_skip_reason if self.skipped_in_a_row > 1 else reason
+        self.say([f"update {self.update}: skipped_update: {reason}"])
+        metrics = {"ppo/skipped_updates": float(self.skipped_updates)}
+        if self.tracker is not None:
+            self.tracker.log(metrics, self.update)
         return metrics
 
     def rollout(self, indices: list[int]) -> Rollout:
@@ -456,6 +581,16 @@ class PPOTrainer:
                           "scores": rollout.scores.tolist(), "gold": gold.tolist() if gold is not None else None}
         self.first_eval = self.first_eval or self.last_eval
         return metrics
+
+
+def _first_non_finite(**tensors: Tensor) -> Optional[tuple[str, int, float]]:
+    """(name, batch row, value) of the first NaN/inf in the first tensor holding one, else None."""
+    for name, tensor in tensors.items():
+        bad = ~torch.isfinite(tensor.float())
+        if bad.any():
+            first = bad.flatten().nonzero()[0, 0]
+            return name, int(bad.nonzero()[0, 0]), tensor.flatten()[first].item()
+    return None
 
 
 def _check_finite(loss: Tensor, what: str, update: int) -> None:

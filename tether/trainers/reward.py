@@ -40,12 +40,13 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from tether.algo import pairwise_loss
+from tether.checkpoint import rng_state, set_rng_state
 from tether.config import RewardConfig
 from tether.data import PromptSampler, left_pad, right_pad
 from tether.models import (
@@ -186,6 +187,17 @@ class TrunkCache:
             out[i, : len(key)] = row
         return out
 
+    def fill(self, sequences: Sequence[Sequence[int]], pad_id: int, chunk: int, device: torch.device) -> None:
+        """Compute the trunks of `sequences` (distinct, in order) in fixed chunks, up to the cap. Done
+        once before training, so a resumed run computes each trunk exactly as the first run did."""
+        unique, _ = distinct_sequences(sequences)
+        for start in range(0, len(unique), chunk):
+            if self.bytes >= self.max_bytes:
+                return
+            part = unique[start : start + chunk]
+            input_ids, attention_mask = right_pad(part, pad_id)
+            self.trunk(part, input_ids.to(device), attention_mask.to(device))
+
     def _keep(self, key: tuple[int, ...], row: Tensor) -> None:
         size = row.numel() * row.element_size()
         if self.bytes + size <= self.max_bytes:
@@ -201,11 +213,12 @@ class RewardTrainer:
 
     def __init__(self, cfg: RewardConfig, model: nn.Module, pad_id: int, train_pairs: PreferencePairs,
                  eval_pairs: Optional[PreferencePairs] = None, sink: Optional[MetricSink] = None,
-                 device: torch.device = torch.device("cpu")):
+                 device: torch.device = torch.device("cpu"), save: Optional[Callable[["RewardTrainer"], None]] = None):
         if len(train_pairs) == 0:
             raise ValueError("RewardTrainer needs at least one training pair")
         self.cfg, self.model, self.pad_id, self.device = cfg, model, pad_id, device
         self.train_pairs, self.eval_pairs, self.sink = train_pairs, eval_pairs, sink
+        self.save = save  # called with the trainer every save_every steps
         if len(train_pairs) < cfg.batch_size:
             log.warning("only %d training pairs for batch_size=%d: each batch repeats pairs", len(train_pairs),
                         cfg.batch_size)
@@ -242,6 +255,10 @@ class RewardTrainer:
                    disable=not self.cfg.progress, dynamic_ncols=True)
         metrics: dict[str, float] = {}
         start = time.perf_counter()
+        if self.trunks is not None:
+            pairs = [self.train_pairs] + ([self.eval_pairs] if self.eval_pairs is not None else [])
+            self.trunks.fill([s for p in pairs for s in p.chosen + p.rejected], self.pad_id,
+                             self.cfg.micro_batch_size, self.device)
         try:
             with logging_redirect_tqdm():
                 while self.step < self.total_steps:
@@ -274,7 +291,25 @@ class RewardTrainer:
             metrics.update(self.evaluate(self.eval_pairs))
         if self.sink is not None:
             self.sink.log(metrics, self.step)
+        if self.save is not None and cfg.save_every and self.step % cfg.save_every == 0 \
+                and self.step < self.total_steps:
+            self.save(self)
         return metrics
+
+    def state(self) -> tuple[dict, dict]:
+        """(JSON state, tensors) to continue exactly: step, data position (the rest of this epoch's
+        order and the shuffling stream), RNG streams, optimizer and schedule."""
+        rng, rng_tensors = rng_state()
+        return ({"step": self.step, "pairs_seen": self.pairs_seen, "order": list(self._order), **rng},
+                {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "shuffle_rng": self.generator.get_state(), **rng_tensors})
+
+    def load_state(self, state: dict, tensors: dict) -> None:
+        self.step, self.pairs_seen, self._order = state["step"], state["pairs_seen"], list(state["order"])
+        self.optimizer.load_state_dict(tensors["optimizer"])
+        self.scheduler.load_state_dict(tensors["scheduler"])
+        self.generator.set_state(tensors["shuffle_rng"])
+        set_rng_state(state, tensors)
 
     def next_indices(self, count: int) -> list[int]:
         """``count`` pair indices; a batch crossing an epoch boundary continues into a fresh permutation."""

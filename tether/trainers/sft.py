@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from tether.algo import lm_loss
+from tether.checkpoint import rng_state, set_rng_state
 from tether.config import SFTConfig
 from tether.data import BlockSampler
 from tether.models import position_ids_from_mask
@@ -49,9 +50,9 @@ class SFTTrainer:
 
     def __init__(self, cfg: SFTConfig, model: nn.Module, train_blocks: Tensor, eval_blocks: Optional[Tensor],
                  sink: Optional[JsonlSink] = None, device: torch.device = torch.device("cpu"),
-                 save: Optional[Callable[[int], None]] = None):
+                 save: Optional[Callable[["SFTTrainer"], None]] = None):
         self.cfg, self.model, self.eval_blocks, self.sink, self.device = cfg, model, eval_blocks, sink, device
-        self.save = save  # called with the step number every save_every steps
+        self.save = save  # called with the trainer every save_every steps
         self.sampler = BlockSampler(train_blocks, seed=cfg.seed)
         self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate, eps=cfg.adam_eps,
                                            weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
@@ -67,7 +68,8 @@ class SFTTrainer:
         start = time.perf_counter()
         self.model.train()
         metrics: dict[str, float] = {}
-        with tqdm(total=cfg.max_steps, desc="sft", unit="step", disable=not cfg.progress, dynamic_ncols=True) as bar:
+        with tqdm(total=cfg.max_steps, initial=self.step_count, desc="sft", unit="step", disable=not cfg.progress,
+                  dynamic_ncols=True) as bar:
             while self.step_count < cfg.max_steps:
                 if cfg.max_seconds is not None and time.perf_counter() - start > cfg.max_seconds:
                     break
@@ -79,7 +81,7 @@ class SFTTrainer:
                     bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", eval=f"{metrics['eval/loss']:.3f}")
                 self.log(metrics)
                 if self.save is not None and cfg.save_every and self.step_count % cfg.save_every == 0:
-                    self.save(self.step_count)
+                    self.save(self)
         final = {**metrics, **self.evaluate(), "train/steps": float(self.step_count),
                  "time/train_s": time.perf_counter() - start}
         self.log(final)
@@ -105,6 +107,20 @@ class SFTTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
         return {"train/loss": total, "train/grad_norm": norm, "train/lr": self.scheduler.get_last_lr()[0]}
+
+    def state(self) -> tuple[dict, dict]:
+        """(JSON state, tensors) a checkpoint needs to continue exactly: step, data position, RNG
+        streams (dropout draws), optimizer and schedule."""
+        rng, rng_tensors = rng_state()
+        return ({"step": self.step_count, "sampler": self.sampler.state_dict(), **rng},
+                {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), **rng_tensors})
+
+    def load_state(self, state: dict, tensors: dict) -> None:
+        self.step_count = state["step"]
+        self.sampler.load_state_dict(state["sampler"])
+        self.optimizer.load_state_dict(tensors["optimizer"])
+        self.scheduler.load_state_dict(tensors["scheduler"])
+        set_rng_state(state, tensors)
 
     def evaluate(self) -> dict[str, float]:
         if self.eval_blocks is None or len(self.eval_blocks) == 0:

@@ -1,0 +1,238 @@
+"""The catalogue of bad input: every expected failure is one line on stderr that names the item,
+exit code 2 for configuration/data/path errors and 1 for runtime failures, no traceback, and an
+earlier run in the same output_dir is left byte for byte as it was.
+
+Each case runs the real CLI in-process (`tether.cli.main`) against a directory that already
+holds a finished run (unless the case needs another one).
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REWARDS
+from tether.cli import main
+
+HERE = Path(__file__)
+
+
+def broken_at_import(responses):  # referenced by name only; the module below fails to import
+    return responses
+
+
+@pytest.fixture(scope="module")
+def earlier(tiny_dirs, tmp_path_factory):
+    """A finished PPO run (one update, a checkpoint) that no failing command may touch."""
+    root = tmp_path_factory.mktemp("earlier")
+    run = root / "run"
+    code = main(["ppo", *ppo_args(tiny_dirs, run, total_updates=1, save_every=1)])
+    assert code == 0
+    return run
+
+
+def ppo_args(tiny_dirs, run, **extra):
+    values = dict(policy=tiny_dirs["gpt2"], prompts=tiny_dirs["prompts"], reward_fn=f"{REWARDS}:letter_o_rate",
+                  output_dir=run, total_updates=1, batch_size=4, num_minibatches=1, ppo_epochs=1, max_new_tokens=4,
+                  learning_rate=1e-3, progress="false", num_threads=1)
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items() if v is not None]
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    """Each run sets torch's thread count; keep the rest of the suite's setting."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def files(tmp: Path) -> dict[str, Path]:
+    """Bad data files, written once per test."""
+    made = {}
+    made["bad_json"] = tmp / "bad.jsonl"
+    made["bad_json"].write_text('{"prompt": "a"}\n{"prompt": "b"\n')
+    made["latin1"] = tmp / "latin1.jsonl"
+    made["latin1"].write_bytes(b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n')
+    made["semicolon"] = tmp / "semi.csv"
+    made["semicolon"].write_text("prompt;id\nhello;1\n")
+    made["no_field"] = tmp / "nofield.jsonl"
+    made["no_field"].write_text('{"text": "hello"}\n')
+    made["empty"] = tmp / "empty.jsonl"
+    made["empty"].write_text("")
+    made["odd_suffix"] = tmp / "prompts.xlsx"
+    made["odd_suffix"].write_text("x")
+    made["file_not_dir"] = tmp / "a_file"
+    made["file_not_dir"].write_text("x")
+    made["no_model"] = tmp / "empty_dir"
+    made["no_model"].mkdir(exist_ok=True)
+    made["import_fails"] = tmp / "import_fails.py"
+    made["import_fails"].write_text("raise RuntimeError('no GPU here')\ndef score(r):\n    return r\n")
+    made["raises"] = tmp / "raises.py"
+    made["raises"].write_text("def score(responses):\n    raise KeyError('missing label')\n")
+    made["short"] = tmp / "short.py"
+    made["short"].write_text("def score(responses):\n    return [0.0]\n")
+    made["nan"] = tmp / "nan.py"
+    made["nan"].write_text("def score(responses):\n    return [float('nan')] * len(responses)\n")
+    made["bad_yaml"] = tmp / "bad.yaml"
+    made["bad_yaml"].write_text("batch_size: [1, 2\n")
+    made["list_yaml"] = tmp / "list.yaml"
+    made["list_yaml"].write_text("- 1\n- 2\n")
+    return made
+
+
+# (id, stage, overrides given as {key: value or a name from files()}, exit code, regex the message must match)
+PPO_CASES = [
+    ("unknown key", {"batch_sise": 4}, 2, r"unknown config key 'batch_sise'.*did you mean batch_size"),
+    ("wrong type", {"batch_size": "four"}, 2, r"batch_size"),
+    ("zero batch", {"batch_size": 0}, 2, r"batch_size must be >= 1"),
+    ("indivisible", {"batch_size": 4, "num_minibatches": 3}, 2, r"batch_size=4 is not divisible by num_minibatches=3"),
+    ("negative grad norm", {"max_grad_norm": -1}, 2, r"max_grad_norm must be > 0 or null"),
+    ("zero value clip", {"value_clip_eps": 0}, 2, r"value_clip_eps must be > 0 or null"),
+    ("clip low too big", {"clip_eps_low": 1.5}, 2, r"clip_eps_low must be in \(0, 1\)"),
+    ("clip high negative", {"clip_eps_high": -0.1}, 2, r"clip_eps_high must be > 0"),
+    ("negative ptx", {"ptx_coef": -1}, 2, r"ptx_coef must be >= 0"),
+    ("zero temperature", {"temperature": 0}, 2, r"temperature must be > 0"),
+    ("top_p", {"top_p": 1.5}, 2, r"top_p must be in \(0, 1\]"),
+    ("zero lr", {"learning_rate": 0}, 2, r"learning_rate must be > 0"),
+    ("negative kl", {"kl_coef": -0.1}, 2, r"kl_coef must be >= 0"),
+    ("gamma", {"gamma": 1.5}, 2, r"gamma and lam must be in \[0, 1\]"),
+    ("adam eps", {"adam_eps": 0}, 2, r"adam_eps must be > 0"),
+    ("keep checkpoints", {"keep_checkpoints": -1}, 2, r"keep_checkpoints must be >= 0"),
+    ("max skipped", {"max_skipped_updates": 0}, 2, r"max_skipped_updates must be >= 1"),
+    ("dual clip", {"dual_clip": 0.5}, 2, r"dual_clip must be > 1"),
+    ("two rewards", {"reward_model": "REWARD_DIR"}, 2, r"exactly one of reward_model.*or reward_fn"),
+    ("no reward", {"reward_fn": None}, 2, r"exactly one of reward_model.*or reward_fn"),
+    ("reward fn without colon", {"reward_fn": "mymodule.score"}, 2, r"reward_fn must look like"),
+    ("shared_base without lora", {"placement": "shared_base"}, 2, r"set lora_rank"),
+    ("lora with separate", {"lora_rank": 4}, 2, r"use placement=shared_base"),
+    ("warmup too long", {"critic_warmup_updates": 1}, 2, r"critic_warmup_updates=1 leaves no update"),
+    ("unknown sink", {"log_with": "[mlflow]"}, 2, r"log_with: unknown sink"),
+    ("missing prompts", {"prompts": None}, 2, r"prompts"),
+    ("policy path missing", {"policy": "./no/such/model"}, 2, r"policy=./no/such/model: no such directory"),
+    ("policy is a file", {"policy": "file_not_dir"}, 2, r"policy=.*a_file is a file"),
+    ("policy dir without model", {"policy": "no_model"}, 2, r"policy=.*empty_dir holds no model"),
+    ("resume and overwrite", {"resume": "true", "overwrite": "true"}, 2, r"contradict each other"),
+    ("prompts not found", {"prompts": "./nope.jsonl"}, 2, r"file not found: ./nope.jsonl"),
+    ("invalid jsonl line", {"prompts": "bad_json"}, 2, r"bad.jsonl: line 2 is not valid JSON"),
+    ("not utf-8", {"prompts": "latin1"}, 2, r"latin1.jsonl: line 2 is not UTF-8"),
+    ("semicolon csv", {"prompts": "semicolon"}, 2, r"semi.csv: .*looks semicolon-separated"),
+    ("missing field", {"prompts": "no_field"}, 2, r"has no 'prompt' field.*\['text'\].*set prompt_field"),
+    ("empty prompts", {"prompts": "empty"}, 2, r"empty"),
+    ("unsupported suffix", {"prompts": "odd_suffix"}, 2, r"unsupported file type '.xlsx'"),
+    ("reward module missing", {"reward_fn": "no_such_module_xyz:score"}, 2, r"cannot import module 'no_such_module_xyz'"),
+    ("reward module fails to import", {"reward_fn": "import_fails:score"}, 2,
+     r"import_fails.py fails to import: RuntimeError: no GPU here"),
+    ("reward function missing", {"reward_fn": f"{HERE}:no_such_function"}, 2, r"has no function 'no_such_function'"),
+    ("lora targets match nothing", {"placement": "shared_base", "lora_rank": 4, "lora_target_modules": "[nothing_here]"},
+     2, r"nothing_here.*c_attn|c_attn.*nothing_here"),
+]
+
+# Cases that run (or need their own directory) and fail while running.
+RUNTIME_CASES = [
+    ("reward raises on a sample", {"reward_fn": "raises:score", "output_dir": "NEW"}, 1,
+     r"raised KeyError: 'missing label' on response 0 '"),
+    ("reward returns too few", {"reward_fn": "short:score", "output_dir": "NEW"}, 1, r"returned 1 scores for 4 responses"),
+    ("scores all NaN", {"reward_fn": "nan:score", "output_dir": "NEW", "total_updates": 5, "max_skipped_updates": 2},
+     1, r"2 updates in a row were skipped; the first because the rollout had a non-finite score \(nan\) for response 0"),
+    ("existing run", {}, 2, r"already holds a run.*resume=true.*overwrite=true"),
+    ("resume changed config", {"resume": "true", "learning_rate": 0.5}, 2, r"changed: learning_rate: 0.001 -> 0.5"),
+    ("nothing to resume", {"resume": "true", "output_dir": "NEW"}, 2, r"nothing to resume"),
+    ("output dir is a file", {"output_dir": "file_not_dir"}, 2, r"output_dir .*a_file is a file"),
+]
+
+
+def resolve(value, made, tiny_dirs, tmp_path):
+    if value == "REWARD_DIR":
+        return tiny_dirs["reward"]
+    if value == "NEW":
+        return tmp_path / "new_run"
+    if isinstance(value, str) and value.split(":")[0] in made:
+        name, _, rest = value.partition(":")
+        return f"{made[name]}:{rest}" if rest else made[name]
+    return value
+
+
+def run_case(overrides, tiny_dirs, earlier, tmp_path, capsys, stage_args=None):
+    made = files(tmp_path)
+    extra = {k: resolve(v, made, tiny_dirs, tmp_path) for k, v in overrides.items()}
+    before = snapshot(earlier)
+    capsys.readouterr()
+    code = main(stage_args or ["ppo", *ppo_args(tiny_dirs, earlier, **extra)])
+    err = capsys.readouterr().err
+    assert snapshot(earlier) == before, "the earlier run changed"
+    return code, err
+
+
+# The input cases ask to overwrite the earlier run: a failing check must still leave it intact.
+CASES = [(n, {"overwrite": "true", **o}, c, p) for n, o, c, p in PPO_CASES] + RUNTIME_CASES
+
+
+@pytest.mark.parametrize("name,overrides,code,pattern", CASES, ids=[c[0] for c in CASES])
+def test_ppo_bad_input(name, overrides, code, pattern, tiny_dirs, earlier, tmp_path, capsys):
+    got, err = run_case(overrides, tiny_dirs, earlier, tmp_path, capsys)
+    message = [line for line in err.splitlines() if line.startswith("tether: error:")]
+    assert got == code, err
+    assert len(message) == 1, err
+    assert __import__("re").search(pattern, message[0]), message[0]
+    assert "Traceback" not in err
+
+
+OTHER_CASES = [
+    ("config file missing", ["ppo", "--config", "missing.yaml"], 2, r"config file not found: missing.yaml"),
+    ("config file not yaml", ["ppo", "--config", "bad_yaml"], 2, r"is not valid YAML"),
+    ("config file a list", ["ppo", "--config", "list_yaml"], 2, r"must hold a mapping"),
+    ("override without =", ["ppo", "batch_size"], 2, r"override 'batch_size' must look like key=value"),
+    ("sft zero grad norm", ["sft", "data=x.txt", "init=scratch", "max_grad_norm=0"], 2, r"max_grad_norm must be > 0"),
+    ("sft model missing", ["sft", "data=x.txt", "model=./no/model"], 2, r"model=./no/model: no such directory"),
+    ("reward eval fraction", ["reward", "model=MODEL", "data=x.jsonl", "eval_fraction=1.5"], 2,
+     r"eval_fraction must be in \[0, 1\)"),
+    ("reward half normalisation", ["reward", "model=MODEL", "data=x.jsonl", "normalize_policy=MODEL"], 2,
+     r"normalize_policy and normalize_prompts go together"),
+    ("export of a non-adapter", ["export", "no_model", "out_dir"], 2, r"adapter|adapter_config"),
+]
+
+
+@pytest.mark.parametrize("name,argv,code,pattern", OTHER_CASES, ids=[c[0] for c in OTHER_CASES])
+def test_other_bad_input(name, argv, code, pattern, tiny_dirs, earlier, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    made = files(tmp_path)
+    argv = [str(made.get(a, a)).replace("MODEL", str(tiny_dirs["gpt2"])) for a in argv]
+    got, err = run_case({}, tiny_dirs, earlier, tmp_path, capsys, stage_args=argv)
+    message = [line for line in err.splitlines() if line.startswith("tether: error:")]
+    assert got == code and len(message) == 1, err
+    assert __import__("re").search(pattern, message[0]), message[0]
+    assert "Traceback" not in err
+
+
+def test_a_locked_directory_is_refused_and_debug_shows_the_traceback(tiny_dirs, earlier, tmp_path, capsys):
+    run = tmp_path / "locked"
+    run.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / ".tether.lock").write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname()}))
+        code, err = run_case({"output_dir": run}, tiny_dirs, earlier, tmp_path, capsys)
+        assert code == 2 and f"another tether run (pid {sleeper.pid}" in err and "Traceback" not in err
+        with pytest.raises(Exception, match="another tether run"):
+            main(["--debug", "ppo", *ppo_args(tiny_dirs, run)])
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_the_cli_process_exits_with_the_code_and_one_line(tiny_dirs, tmp_path):
+    """The same, through a real process: exit status and stderr as a shell sees them."""
+    out = subprocess.run([sys.executable, "-m", "tether", "ppo", *ppo_args(tiny_dirs, tmp_path / "r", max_grad_norm=-1)],
+                         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == "tether: error: config error: max_grad_norm must be > 0 or null (off), got -1.0"
