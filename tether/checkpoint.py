@@ -27,6 +27,7 @@ def save_checkpoint(path: Path, policy, tokenizer, critic=None, state: Optional[
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     policy.save_pretrained(tmp, safe_serialization=True)
+    _fault_point()
     tokenizer.save_pretrained(tmp)
     if critic is not None:
         critic.save_pretrained(tmp / "critic")
@@ -42,6 +43,23 @@ def save_checkpoint(path: Path, policy, tokenizer, critic=None, state: Optional[
     else:
         os.replace(tmp, path)
     return path
+
+
+FAULT_ENV = "TETHER_FAULT_KILL_IN_SAVE"
+_saves = [0]
+
+
+def _fault_point() -> None:
+    """Fault injection for benchmarks/chaos.py: with TETHER_FAULT_KILL_IN_SAVE=N the process kills
+    itself (SIGKILL, no cleanup) halfway through writing its N-th checkpoint. Unset: nothing."""
+    target = os.environ.get(FAULT_ENV)
+    if not target:
+        return
+    _saves[0] += 1
+    if _saves[0] == int(target):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def load_weights(model: torch.nn.Module, directory: Path, skip: tuple[str, ...] = ()) -> None:
