@@ -48,7 +48,7 @@ def set_threads(requested: int) -> None:
 def return_freed_memory_to_os(threshold_bytes: int = 1 << 20) -> bool:
     """glibc: every allocation of at least `threshold_bytes` gets its own mapping, returned to the
     OS when freed. By default glibc raises that threshold (up to 32 MiB) after the first large
-    frees, and activations of a few MiB then fragment the heap: on SmolLM2 PPO that held +1.1 GB
+    frees, and activations of a few MiB then fragment the heap: on SmolLM2 PPO that held +1.2 GB
     resident from the second update on, for no speed gain (benchmarks/memory.py). A threshold the
     user set (MALLOC_MMAP_THRESHOLD_) is kept. Returns whether the setting was applied."""
     if sys.platform != "linux" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
