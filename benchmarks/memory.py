@@ -70,7 +70,8 @@ def child(spec: dict) -> dict:
     from tether.pipelines.ppo import return_freed_memory_to_os
 
     torch.set_num_threads(spec["threads"])
-    return_freed_memory_to_os()  # as every tether run does (PPO runs set it again, harmlessly)
+    if spec["release_memory"]:  # the same allocator setting for every configuration, the yardstick too
+        return_freed_memory_to_os()
     start_mb = peak_mb()
     if spec["kind"] == "sft":
         return {**sft_step(spec), "import_mb": start_mb, "peak_mb": peak_mb()}
@@ -80,7 +81,7 @@ def child(spec: dict) -> dict:
     values = dict(policy=spec["base"], prompts=spec["prompts"], reward_model=spec["reward_model"],
                   output_dir=spec["out"], batch_size=spec["batch"], num_minibatches=1, ppo_epochs=1,
                   max_new_tokens=spec["response"], total_updates=spec["updates"], progress=False, seed=0, temperature=1.0,
-                  num_threads=spec["threads"], **spec["options"])
+                  num_threads=spec["threads"], release_memory=spec["release_memory"], **spec["options"])
     trainer = build_ppo_trainer(config_from_dict(PPOConfig, values))
     load_mb = peak_mb()
     for _ in range(spec["updates"]):  # the last one is timed
@@ -133,6 +134,8 @@ def main() -> None:
     parser.add_argument("--response", type=int, default=48)
     parser.add_argument("--updates", type=int, default=2, help="updates (SFT steps) per configuration; the "
                         "peak covers all of them, the time is the last one's")
+    parser.add_argument("--release-memory", action="store_true", help="run every configuration with "
+                        "release_memory=true (glibc returns freed blocks of >= 1 MiB to the OS)")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -150,7 +153,7 @@ def main() -> None:
         results = {}
         for name, config in CONFIGS.items():
             spec = dict(config, base=str(base), prompts=str(prompts), batch=args.batch, response=args.response,
-                        threads=args.threads, updates=args.updates, out=str(root / f"run{len(results)}"),
+                        threads=args.threads, updates=args.updates, release_memory=args.release_memory, out=str(root / f"run{len(results)}"),
                         sequence=40 + args.response, reward_model=str(rewards.get(config.get("reward"), "")))
             out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
                                  text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -166,7 +169,8 @@ def report(results: dict, args) -> None:
     sft = results["LoRA SFT step (yardstick)"]["peak_mb"]
     separate = results["separate (4 full models)"]["peak_mb"]
     print(f"\nSmolLM2-135M, batch {args.batch}, prompts ~40 tokens, up to {args.response} new tokens, "
-          f"{args.threads} threads, fp32; peak resident memory of load + {args.updates} whole update(s) (process baseline "
+          f"{args.threads} threads, fp32, release_memory={args.release_memory}; peak resident memory of load + "
+          f"{args.updates} whole update(s) (process baseline "
           f"~{results['separate (4 full models)']['import_mb']:.0f} MB after imports)\n")
     print(f"| configuration | peak RSS (MB) | / LoRA SFT | / separate | update (s) | generate | score | train |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")

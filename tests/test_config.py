@@ -84,7 +84,7 @@ def test_help_lists_every_option_with_its_default():
 
 
 def test_cli_reports_config_errors_before_loading_anything(capsys):
-    code = main(["ppo", "policy=/does/not/exist", "prompts=p.jsonl", "reward_fn=m:f", "batch_size=7",
+    code = main(["ppo", "policy=some-org/some-model", "prompts=p.jsonl", "reward_fn=m:f", "batch_size=7",
                  "num_minibatches=2"])
     assert code == 2
     assert "batch_size=7 is not divisible by num_minibatches=2" in capsys.readouterr().err
@@ -94,7 +94,7 @@ def test_cli_names_an_output_location_that_is_a_file(tmp_path, capsys):
     occupied = tmp_path / "taken"
     occupied.write_text("keep me")
     code = main(["demo", "--output-dir", str(occupied)])
-    assert code == 1
+    assert code == 2  # a path that cannot be used is the user's input to fix
     assert f"cannot use {occupied}: File exists" in capsys.readouterr().err
     assert occupied.read_text() == "keep me"
 

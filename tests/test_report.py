@@ -216,7 +216,7 @@ def test_cli_report_prints_the_path_and_names_a_missing_run(tmp_path, capsys):
     run = write_run(tmp_path / "run")
     assert cli_main(["report", str(run)]) == 0
     assert f"report: {run / 'report.html'}" in capsys.readouterr().out
-    assert cli_main(["report", str(tmp_path / "missing")]) == 1
+    assert cli_main(["report", str(tmp_path / "missing")]) == 2
     assert str(tmp_path / "missing") in capsys.readouterr().err
 
 

@@ -72,7 +72,7 @@ class SmolSettings:
         batch_by_prompt=True, normalize_samples=64, normalize_max_new_tokens=32))
     ppo: dict = field(default_factory=lambda: dict(
         total_updates=36, batch_size=16, num_minibatches=1, ppo_epochs=4, learning_rate=2e-4,
-        critic_learning_rate=1e-3, kl_coef=0.15, eval_every=12, eval_max_prompts=64, sample_every=6,
+        critic_learning_rate=1e-3, kl_coef=0.2, eval_every=18, eval_max_prompts=64, sample_every=6,
         num_samples=4, vf_coef=0.5, max_prompt_length=64, rollout_batch_size=0))
 
     @classmethod
@@ -212,7 +212,7 @@ def stage_ppo(run: Path, base: Path, files: dict[str, Path], settings: SmolSetti
 def run_smollm2_demo(output_dir: str | Path = "runs/demo-smollm2", fresh: bool = False,
                      settings: Optional[SmolSettings] = None, base: Optional[Path] = None) -> dict:
     """The pipeline; `base` is an already converted model directory (tests pass a tiny stand-in)."""
-    from tether.pipelines.ppo import return_freed_memory_to_os, set_threads
+    from tether.pipelines.ppo import set_threads
     from tether.report import build_report
 
     settings = settings or SmolSettings()
@@ -222,7 +222,6 @@ def run_smollm2_demo(output_dir: str | Path = "runs/demo-smollm2", fresh: bool =
         _empty(run)
     run.mkdir(parents=True, exist_ok=True)
     set_threads(0)
-    return_freed_memory_to_os()
     timings, start = {}, time.perf_counter()
     if base is None:
         base = _timed(timings, "base", lambda: stage_base(run, gguf), "1/5 base: SmolLM2-135M-Instruct from its GGUF file")

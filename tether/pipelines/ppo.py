@@ -49,8 +49,9 @@ def return_freed_memory_to_os(threshold_bytes: int = 1 << 20) -> bool:
     """glibc: every allocation of at least `threshold_bytes` gets its own mapping, returned to the
     OS when freed. By default glibc raises that threshold (up to 32 MiB) after the first large
     frees, and activations of a few MiB then fragment the heap: on SmolLM2 PPO that held +1.2 GB
-    resident from the second update on, for no speed gain (benchmarks/memory.py). A threshold the
-    user set (MALLOC_MMAP_THRESHOLD_) is kept. Returns whether the setting was applied."""
+    resident from the second update on (benchmarks/memory.py). The price is a page fault for every
+    large tensor, ~40% slower optimisation on CPU, so it is opt-in (`release_memory=true`). A
+    threshold the user set (MALLOC_MMAP_THRESHOLD_) is kept. Returns whether it was applied."""
     if sys.platform != "linux" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
     try:
@@ -66,7 +67,8 @@ def start_run(cfg) -> RunStart:
     and locked (tether/rundir.py). Nothing is written yet: `commit` does that once every check
     has passed. (Validation is the caller's: it must come before this.)"""
     set_threads(cfg.num_threads)
-    return_freed_memory_to_os()
+    if getattr(cfg, "release_memory", False):
+        return_freed_memory_to_os()
     seed_everything(cfg.seed)
     return open_run(cfg.output_dir, config_to_dict(cfg), getattr(cfg, "resume", False), cfg.overwrite)
 
