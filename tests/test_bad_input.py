@@ -134,6 +134,11 @@ PPO_CASES = [
     ("reward module fails to import", {"reward_fn": "import_fails:score"}, 2,
      r"import_fails.py fails to import: RuntimeError: no GPU here"),
     ("reward function missing", {"reward_fn": f"{HERE}:no_such_function"}, 2, r"has no function 'no_such_function'"),
+    ("tokenizer path missing", {"tokenizer": "./no/tokenizer"}, 2, r"tokenizer=./no/tokenizer: no such directory"),
+    ("reference with another vocabulary", {"reference": "OTHER_VOCAB"}, 2,
+     r"reference .* has a different tokenizer/vocabulary than the policy"),
+    ("shared_base critic of its own", {"placement": "shared_base", "lora_rank": 4, "critic": "REWARD_DIR"}, 2,
+     r"critic=.* is a model of its own.*placement=separate"),
     ("lora targets match nothing", {"placement": "shared_base", "lora_rank": 4, "lora_target_modules": "[nothing_here]"},
      2, r"nothing_here.*c_attn|c_attn.*nothing_here"),
 ]
@@ -152,9 +157,23 @@ RUNTIME_CASES = [
 ]
 
 
+@pytest.fixture(scope="module")
+def other_vocab(tmp_path_factory):
+    """A tiny model whose tokenizer is not the policy's."""
+    from tether.tiny import build_tiny_causal_lm, builtin_corpus, train_tokenizer
+
+    path = tmp_path_factory.mktemp("other_vocab")
+    tokenizer = train_tokenizer(builtin_corpus(100, seed=9), vocab_size=128)
+    build_tiny_causal_lm("gpt2", tokenizer, seed=0, hidden=16, layers=1, heads=2).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def resolve(value, made, tiny_dirs, tmp_path):
     if value == "REWARD_DIR":
         return tiny_dirs["reward"]
+    if value == "OTHER_VOCAB":
+        return made["other_vocab"]
     if value == "NEW":
         return tmp_path / "new_run"
     if isinstance(value, str) and value.split(":")[0] in made:
@@ -163,8 +182,8 @@ def resolve(value, made, tiny_dirs, tmp_path):
     return value
 
 
-def run_case(overrides, tiny_dirs, earlier, tmp_path, capsys, stage_args=None):
-    made = files(tmp_path)
+def run_case(overrides, tiny_dirs, earlier, tmp_path, capsys, stage_args=None, other_vocab=None):
+    made = {**files(tmp_path), "other_vocab": other_vocab}
     extra = {k: resolve(v, made, tiny_dirs, tmp_path) for k, v in overrides.items()}
     before = snapshot(earlier)
     capsys.readouterr()
@@ -179,8 +198,8 @@ CASES = [(n, {"overwrite": "true", **o}, c, p) for n, o, c, p in PPO_CASES] + RU
 
 
 @pytest.mark.parametrize("name,overrides,code,pattern", CASES, ids=[c[0] for c in CASES])
-def test_ppo_bad_input(name, overrides, code, pattern, tiny_dirs, earlier, tmp_path, capsys):
-    got, err = run_case(overrides, tiny_dirs, earlier, tmp_path, capsys)
+def test_ppo_bad_input(name, overrides, code, pattern, tiny_dirs, earlier, tmp_path, capsys, other_vocab):
+    got, err = run_case(overrides, tiny_dirs, earlier, tmp_path, capsys, other_vocab=other_vocab)
     message = [line for line in err.splitlines() if line.startswith("tether: error:")]
     assert got == code, err
     assert len(message) == 1, err
@@ -236,3 +255,30 @@ def test_the_cli_process_exits_with_the_code_and_one_line(tiny_dirs, tmp_path):
                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1] == "tether: error: config error: max_grad_norm must be > 0 or null (off), got -1.0"
+
+
+def test_ctrl_c_stops_the_cli_with_a_checkpoint_and_one_line(tiny_dirs, tmp_path):
+    """SIGINT to a running `tether ppo`: the update finishes, checkpoint-N is written, one line says
+    where and how to resume, exit 130; the resumed run completes."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    args = ppo_args(tiny_dirs, run, total_updates=400)
+    process = subprocess.Popen([sys.executable, "-m", "tether", "ppo", *args], stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.time() + 120
+    while not (run / "metrics.jsonl").is_file() or not (run / "metrics.jsonl").read_text().strip():
+        assert time.time() < deadline and process.poll() is None, "the run never started"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    message = [line for line in err.splitlines() if line.startswith("tether: error:")]
+    assert len(message) == 1 and "stopped by SIGINT after update" in message[0] and "resume=true" in message[0], err
+    assert "Traceback" not in err
+    checkpoint = next(run.glob("checkpoint-*"))
+    assert str(checkpoint) in message[0]
+    update = int(checkpoint.name.split("-")[1])
+    resumed = main(["ppo", *ppo_args(tiny_dirs, run, total_updates=update + 1, resume="true")])
+    assert resumed == 0 and (run / "final").is_dir()

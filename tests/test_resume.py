@@ -266,3 +266,23 @@ def test_reward_resume_is_exact(tiny_dirs, tmp_path, monkeypatch, lora):
     a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "broken")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert logged(tmp_path / "straight", "metrics.jsonl") == logged(tmp_path / "broken", "metrics.jsonl")
+
+
+def test_a_non_finite_loss_skips_the_update_and_leaves_no_gradient_behind(tiny_dirs, tmp_path):
+    trainer = build_ppo_trainer(config_from_dict(PPOConfig, base_overrides(
+        tiny_dirs, tmp_path, gradient_accumulation_steps=2, total_updates=3)))
+    policy_loss, calls = trainer.policy_loss, []
+
+    def second_micro_batch_is_nan(micro, num_tokens):
+        loss, stats = policy_loss(micro, num_tokens)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 2 else loss), stats
+
+    trainer.policy_loss = second_micro_batch_is_nan
+    before = {k: v.clone() for k, v in trainer.roles.policy.state_dict().items()}
+    assert trainer.step() == {"ppo/skipped_updates": 1.0}
+    assert all(p.grad is None for p in trainer.roles.trainable("policy") + trainer.roles.trainable("critic"))
+    for key, value in trainer.roles.policy.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert "non-finite policy loss" in (tmp_path / "run" / "doctor.jsonl").read_text()
+    assert trainer.step()["ppo/skipped_updates"] == 1.0 and trainer.skipped_in_a_row == 0  # the next one trains

@@ -231,8 +231,7 @@ def commit_run(start: RunStart, save_config, resumed_step: Optional[int] = None)
     if resumed_step is not None:
         for name in LOG_FILES:
             truncate_jsonl(start.path / name, resumed_step)
-        return
-    save_config(start.path / CONFIG_FILE)
+    save_config(start.path / CONFIG_FILE)  # on resume: the same but for keys safe to change
 
 
 def clear_run(path: Path) -> None:

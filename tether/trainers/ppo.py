@@ -307,6 +307,8 @@ class PPOTrainer:
         try:
             opt_stats = self.optimise(batch)
         except NonFiniteError as err:  # that step was not applied; the rest of the update is abandoned
+            for optimizer in (self.policy_optimizer, self.critic_optimizer):
+                optimizer.zero_grad(set_to_none=True)  # nothing accumulated so far may leak into the next step
             return self.skip_update(str(err))
         train_s = time.perf_counter() - train_start
         self.skipped_in_a_row = 0
