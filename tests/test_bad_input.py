@@ -163,7 +163,7 @@ def other_vocab(tmp_path_factory):
     from tether.tiny import build_tiny_causal_lm, builtin_corpus, train_tokenizer
 
     path = tmp_path_factory.mktemp("other_vocab")
-    tokenizer = train_tokenizer(builtin_corpus(100, seed=9), vocab_size=128)
+    tokenizer = train_tokenizer(builtin_corpus(400, seed=9), vocab_size=320)  # merges the policy lacks
     build_tiny_causal_lm("gpt2", tokenizer, seed=0, hidden=16, layers=1, heads=2).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
