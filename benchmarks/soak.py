@@ -11,7 +11,6 @@ every per-update path runs), RSS read from /proc every 10 updates. Prints the cu
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -29,7 +28,7 @@ def rss_mb() -> float:
 
 
 def slope(xs: list[float], ys: list[float]) -> float:
-    n, mx, my = len(xs), sum(xs) / len(xs), sum(ys) / len(ys)
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / max(1e-12, sum((x - mx) ** 2 for x in xs))
 
 

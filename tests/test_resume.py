@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REWARDS, base_overrides
+from conftest import base_overrides
 from tether.config import PPOConfig, config_from_dict
 from tether.pipelines.ppo import build_ppo_trainer
 from tether.rundir import LOCK_FILE, RunDirError

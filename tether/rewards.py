@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
-import math
 from pathlib import Path
 from typing import Callable, Optional, Protocol, Sequence
 

@@ -74,7 +74,7 @@ def checkpoints(path: Path) -> list[tuple[int, Path]]:
 
 def latest_checkpoint(path: Path) -> Optional[Path]:
     """The checkpoint with the most steps: `final/` when the run finished, else the last `checkpoint-N`."""
-    candidates = [(step, p) for step, p in checkpoints(path)]
+    candidates = checkpoints(path)
     final = Path(path) / "final"
     if (final / STATE_FILE).is_file():
         candidates.append((checkpoint_step(final), final))

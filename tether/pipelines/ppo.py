@@ -80,19 +80,22 @@ def commit(start: RunStart, cfg, resumed_step: Optional[int] = None) -> Path:
 
 
 @contextmanager
-def released_on_error(start: RunStart):
-    """A stage that fails before training leaves no lock behind (and nothing else written)."""
+def locked(start: RunStart, until_done: bool = True):
+    """The run directory stays locked inside; the lock goes when the stage is done, or, with
+    until_done=False (the PPO trainer holds it until training ends), only when it fails."""
     try:
-        yield
+        yield start
     except BaseException:
         start.lock.release()
         raise
+    if until_done:
+        start.lock.release()
 
 
 def build_ppo_trainer(cfg: PPOConfig) -> PPOTrainer:
     cfg.validate()
     start = start_run(cfg)
-    with released_on_error(start):
+    with locked(start, until_done=False):
         return _build_ppo_trainer(cfg, start)
 
 

@@ -41,7 +41,7 @@ from tether.models import (
     same_vocabulary,
     torch_dtype,
 )
-from tether.pipelines.ppo import commit, start_run
+from tether.pipelines.ppo import commit, locked, start_run
 from tether.rundir import prune_checkpoints
 from tether.rewards import reward_eos
 from tether.tracking import JsonlSink
@@ -75,11 +75,8 @@ def run_reward(cfg: RewardConfig) -> dict[str, float]:
     """
     # 1. Config, threads, seed, run directory.
     validate_reward_config(cfg)
-    start = start_run(cfg)
-    try:
+    with locked(start_run(cfg)) as start:
         return _run_reward(cfg, start)
-    finally:
-        start.lock.release()
 
 
 def _run_reward(cfg: RewardConfig, start) -> dict[str, float]:

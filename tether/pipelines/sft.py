@@ -13,7 +13,7 @@ from tether.data import DataError, load_records, load_texts, pack_texts
 from tether.config import lora_settings
 from tether.lora import add_lora, require_full_model
 from tether.models import load_causal_lm, load_tokenizer, pick_device, torch_dtype
-from tether.pipelines.ppo import commit, start_run
+from tether.pipelines.ppo import commit, locked, start_run
 from tether.rundir import prune_checkpoints
 from tether.tiny import tiny_config, train_tokenizer
 from tether.tracking import JsonlSink
@@ -24,11 +24,8 @@ log = logging.getLogger(__name__)
 
 def run_sft(cfg: SFTConfig) -> dict[str, float]:
     cfg.validate()
-    start = start_run(cfg)
-    try:
+    with locked(start_run(cfg)) as start:
         return _run_sft(cfg, start)
-    finally:
-        start.lock.release()
 
 
 def _run_sft(cfg: SFTConfig, start) -> dict[str, float]:
