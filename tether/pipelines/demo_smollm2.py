@@ -72,7 +72,7 @@ class SmolSettings:
         batch_by_prompt=True, normalize_samples=64, normalize_max_new_tokens=32))
     ppo: dict = field(default_factory=lambda: dict(
         total_updates=36, batch_size=16, num_minibatches=1, ppo_epochs=4, learning_rate=2e-4,
-        critic_learning_rate=1e-3, kl_coef=0.2, adaptive_kl=True, kl_target=3.0, kl_horizon=80, eval_every=18,
+        critic_learning_rate=1e-3, kl_coef=0.2, adaptive_kl=True, kl_target=2.0, kl_horizon=80, eval_every=18,
         eval_max_prompts=64, sample_every=6,
         num_samples=4, vf_coef=0.5, max_prompt_length=64, rollout_batch_size=0))
 
