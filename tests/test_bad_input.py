@@ -104,6 +104,7 @@ PPO_CASES = [
     ("negative ptx", {"ptx_coef": -1}, 2, r"ptx_coef must be >= 0"),
     ("zero temperature", {"temperature": 0}, 2, r"temperature must be > 0"),
     ("top_p", {"top_p": 1.5}, 2, r"top_p must be in \(0, 1\]"),
+    ("min new tokens", {"min_new_tokens": 5}, 2, r"min_new_tokens must be in \[0, max_new_tokens=4\], got 5"),
     ("zero lr", {"learning_rate": 0}, 2, r"learning_rate must be > 0"),
     ("negative kl", {"kl_coef": -0.1}, 2, r"kl_coef must be >= 0"),
     ("gamma", {"gamma": 1.5}, 2, r"gamma and lam must be in \[0, 1\]"),

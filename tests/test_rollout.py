@@ -79,6 +79,29 @@ def test_sampling_with_cache_cuts_at_eos_and_right_pads(policy, tiny_tokenizer):
     assert (responses != tiny_tokenizer.pad_token_id)[response_mask].all()  # pad is never sampled
 
 
+def test_min_new_tokens_holds_eos_back(tiny_tokenizer):
+    """EOS is never sampled before min_new_tokens; = max_new_tokens gives every row exactly that length."""
+    model = build_tiny_causal_lm("gpt2", tiny_tokenizer, seed=0, hidden=32, layers=2, heads=2).eval()
+    with torch.no_grad():  # EOS almost certain at every step when allowed: the final hidden state points at it
+        model.transformer.ln_f.bias[0] = 10.0
+        model.get_output_embeddings().weight[tiny_tokenizer.eos_token_id, 0] = 10.0
+    ids, mask = left_padded(tiny_tokenizer, ["the cat", "my friend was", "a"])
+    torch.manual_seed(0)
+    _, free_mask, free_ended = sample_responses(model, ids, mask, settings(tiny_tokenizer, max_new_tokens=8))
+    assert free_ended.all() and free_mask.sum(1).max() == 1  # without the setting rows end at once
+    torch.manual_seed(0)
+    responses, response_mask, ended = sample_responses(
+        model, ids, mask, settings(tiny_tokenizer, max_new_tokens=8, min_new_tokens=3))
+    lengths = response_mask.sum(1)
+    assert (lengths >= 4).all() and ended.all()  # 3 tokens, then the EOS
+    assert not (responses[:, :3] == tiny_tokenizer.eos_token_id).any()
+    torch.manual_seed(0)
+    responses, response_mask, ended = sample_responses(
+        model, ids, mask, settings(tiny_tokenizer, max_new_tokens=8, min_new_tokens=8))
+    assert response_mask.all() and not ended.any()
+    assert not (responses == tiny_tokenizer.eos_token_id).any()
+
+
 def test_cached_sampling_matches_a_full_forward(policy, tiny_tokenizer):
     """The KV-cache path gives the same next-token distribution as recomputing from scratch."""
     torch.manual_seed(1)

@@ -64,6 +64,9 @@ class PPOConfig:
 
     # --- generation ---------------------------------------------------------
     max_new_tokens: int = opt(32, "Maximum response length in tokens.")
+    min_new_tokens: int = opt(0, "Tokens sampled before EOS or a stop string may end a response (EOS is not "
+                                 "sampled until then; log-probs stay the policy's, as with top_k/top_p). = max_new_tokens: "
+                                 "every response has exactly that length (throughput comparisons with trainers that never stop).")
     temperature: float = opt(1.0, "Sampling temperature; log-probs for PPO use logits / temperature too.")
     top_k: int = opt(0, "Sample from the k most likely tokens (0 = off).")
     top_p: float = opt(1.0, "Nucleus sampling mass (1.0 = off).")
@@ -157,6 +160,9 @@ class PPOConfig:
                    note="minibatch_size = batch_size / num_minibatches")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ConfigError(f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], got "
+                              f"{self.min_new_tokens}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.gold_reward_fn is not None and ":" not in self.gold_reward_fn:

@@ -32,6 +32,7 @@ class GenerationSettings:
     top_k: int = 0
     top_p: float = 1.0
     stop_strings: list[str] = field(default_factory=list)
+    min_new_tokens: int = 0  # tokens sampled before EOS / a stop string may end a response
 
 
 @dataclass
@@ -94,10 +95,13 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     return logits
 
 
-def sample_next_token(logits: Tensor, settings: GenerationSettings) -> Tensor:
-    """(B,) tokens sampled from softmax(logits / T) after top-k / top-p; pad is never sampled."""
+def sample_next_token(logits: Tensor, settings: GenerationSettings, allow_eos: bool = True) -> Tensor:
+    """(B,) tokens sampled from softmax(logits / T) after top-k / top-p; pad is never sampled, nor
+    EOS when `allow_eos` is False (before min_new_tokens)."""
     logits = logits.float() / settings.temperature
     logits[:, settings.pad_id] = float("-inf")
+    if not allow_eos:
+        logits[:, settings.eos_ids] = float("-inf")
     logits = filter_logits(logits, settings.top_k, settings.top_p)
     return torch.multinomial(logits.softmax(-1), 1).squeeze(-1)
 
@@ -127,12 +131,13 @@ def sample_responses(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, 
     ended = torch.zeros(batch, dtype=torch.bool, device=device)
     tokens, real = [], []
     for step in range(settings.max_new_tokens):
-        token = sample_next_token(out.logits[:, -1], settings)
+        may_end = step >= settings.min_new_tokens  # as transformers' min_new_tokens: EOS not counted
+        token = sample_next_token(out.logits[:, -1], settings, allow_eos=may_end)
         token = torch.where(alive, token, torch.full_like(token, settings.pad_id))
         tokens.append(token)
         real.append(alive.clone())
         ended |= alive & torch.isin(token, eos)
-        if settings.stop_strings and tokenizer is not None:
+        if settings.stop_strings and tokenizer is not None and may_end:
             ended |= alive & _hits_stop_string(torch.stack(tokens, 1), settings.stop_strings, tokenizer)
         alive &= ~ended
         if not alive.any() or step == settings.max_new_tokens - 1:

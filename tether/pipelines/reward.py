@@ -40,6 +40,7 @@ from tether.models import (
     resize_for_tokenizer,
     same_vocabulary,
     torch_dtype,
+    use_fused_kernels,
 )
 from tether.pipelines.ppo import commit, locked, start_run
 from tether.rundir import prune_checkpoints
@@ -308,6 +309,7 @@ def load_reward_backbone(path: str, tokenizer, dtype: torch.dtype = torch.float3
         return build_lora_reward_model(base, lora)
     model, info = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype,
                                                                      output_loading_info=True)
+    use_fused_kernels(model)
     head = score_head(model)
     if head is not None and any(k.split(".")[0] == "score" for k in info.get("missing_keys", ())):
         init_score_head(head)

@@ -53,6 +53,7 @@ from tether.models import eos_token_ids
 from tether.roles import Roles
 from tether.rollout import GenerationSettings, Rollout, collect_rollout, select_rows
 from tether.tracking import SampleWriter, Tracker
+from tether.trainers import adamw, clip_grad_norm
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,8 @@ class PPOTrainer:
         self.samples = SampleWriter(self.run_dir / "samples.jsonl") if self.run_dir else None
         self.settings = GenerationSettings(
             max_new_tokens=cfg.max_new_tokens, eos_ids=eos_token_ids(tokenizer, roles.generation_model), pad_id=tokenizer.pad_token_id,
-            temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, stop_strings=list(cfg.stop_strings))
+            temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, stop_strings=list(cfg.stop_strings),
+            min_new_tokens=cfg.min_new_tokens)
         self.kl_controller = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
                               else FixedKLController(cfg.kl_coef))
         self.score_moments = RunningMoments()
@@ -170,7 +172,7 @@ class PPOTrainer:
         self.first_minibatch_stats: dict[str, float] = {}
 
     def _optimizer(self, params: list[nn.Parameter], lr: float, total_steps: int):
-        optimizer = torch.optim.AdamW(params, lr=lr, eps=self.cfg.adam_eps, weight_decay=self.cfg.weight_decay)
+        optimizer = adamw(params, lr=lr, eps=self.cfg.adam_eps, weight_decay=self.cfg.weight_decay)
         schedule = lr_lambda(self.cfg.lr_schedule, self.cfg.warmup_steps, total_steps)
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
@@ -480,8 +482,7 @@ class PPOTrainer:
 
     def _clip_and_step(self, optimizer, scheduler, name: str) -> float:
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm is not None else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item() if params else 0.0
+        norm = clip_grad_norm(params, self.cfg.max_grad_norm)
         if not math.isfinite(norm):
             optimizer.zero_grad(set_to_none=True)
             raise NonFiniteError(f"non-finite {name} gradient norm at update {self.update}; the step was not "

@@ -59,6 +59,7 @@ from tether.models import (
 )
 from tether.rollout import GenerationSettings, sample_responses
 from tether.tracking import MetricSink
+from tether.trainers import adamw, clip_grad_norm
 from tether.trainers.ppo import NonFiniteError, lr_lambda
 
 log = logging.getLogger(__name__)
@@ -225,7 +226,7 @@ class RewardTrainer:
         # Enough full batches to cover `epochs` passes; the last pass may be partial.
         self.total_steps = max(1, math.ceil(cfg.epochs * len(train_pairs) / cfg.batch_size))
         params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        self.optimizer = adamw(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(cfg.lr_schedule, cfg.warmup_steps, self.total_steps))
         self.generator = torch.Generator().manual_seed(cfg.seed)
@@ -385,8 +386,7 @@ class RewardTrainer:
 
     def _clip_and_step(self) -> float:
         params = [p for p in self.model.parameters() if p.grad is not None]
-        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm is not None else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item() if params else 0.0
+        norm = clip_grad_norm(params, self.cfg.max_grad_norm)
         if not math.isfinite(norm):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteError(f"non-finite reward-model gradient norm at step {self.step + 1}; the step was not "

@@ -19,6 +19,7 @@ from tether.config import SFTConfig
 from tether.data import BlockSampler
 from tether.models import position_ids_from_mask
 from tether.tracking import JsonlSink
+from tether.trainers import adamw, clip_grad_norm
 from tether.trainers.ppo import NonFiniteError, lr_lambda
 
 
@@ -54,8 +55,8 @@ class SFTTrainer:
         self.cfg, self.model, self.eval_blocks, self.sink, self.device = cfg, model, eval_blocks, sink, device
         self.save = save  # called with the trainer every save_every steps
         self.sampler = BlockSampler(train_blocks, seed=cfg.seed)
-        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate, eps=cfg.adam_eps,
-                                           weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+        self.optimizer = adamw([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate, eps=cfg.adam_eps,
+                               weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(cfg.lr_schedule, cfg.warmup_steps, cfg.max_steps))
         self.step_count = 0
@@ -99,9 +100,7 @@ class SFTTrainer:
                 raise NonFiniteError(f"non-finite SFT loss at step {self.step_count}; lower learning_rate")
             loss.backward()
             total += loss.item()
-        max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None],
-                                              max_norm).item()
+        norm = clip_grad_norm([p for p in self.model.parameters() if p.grad is not None], cfg.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
