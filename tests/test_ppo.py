@@ -258,3 +258,28 @@ def test_reward_function_with_wrong_count_names_the_function(tiny_dirs, tmp_path
     trainer = make_trainer(tiny_dirs, tmp_path, reward_fn=f"{module}:reward")
     with pytest.raises(RewardError, match=r"returned 1 scores for 8 responses"):
         trainer.step()
+
+
+def test_reusing_the_scoring_forward_gives_the_same_update_with_fewer_forwards(tiny_dirs, tmp_path):
+    """The first optimizer step reuses the rollout's policy and critic forwards (same weights, same
+    inputs): the update is the one of recomputing them, with one critic forward fewer per update."""
+    trainers, calls = {}, {}
+    for reuse in (True, False):
+        trainer = make_trainer(tiny_dirs, tmp_path / str(reuse), num_minibatches=1, ppo_epochs=2,
+                               reuse_scoring_forward=reuse)
+        calls[reuse] = []
+        trainer.roles.critic.register_forward_pre_hook(lambda *_a, log=calls[reuse]: log.append(1))
+        torch.manual_seed(0)
+        for _ in range(2):
+            metrics = trainer.step()
+            assert trainer.first_minibatch_stats["policy/ratio_max"] == 1.0  # exactly: the same log-probs
+        trainers[reuse] = (trainer, metrics)
+    assert trainers[True][0].reuses_scoring_forward()
+    assert len(calls[False]) == 2 * (1 + 2) and len(calls[True]) == 2 * (1 + 1)  # per update: score + epochs
+    (reused, m_reused), (fresh, m_fresh) = trainers[True], trainers[False]
+    for (name, a), (_, b) in zip(reused.roles.policy.named_parameters(), fresh.roles.policy.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    for (name, a), (_, b) in zip(reused.roles.critic.named_parameters(), fresh.roles.critic.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    for key in ("policy/loss", "value/loss", "kl/mean", "reward/score"):
+        assert m_reused[key] == pytest.approx(m_fresh[key], rel=1e-4, abs=1e-6), key

@@ -43,6 +43,11 @@ class PPOConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "Weights dtype of all models.")
     device: str = opt("auto", "Device: 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
     gradient_checkpointing: bool = opt(False, "Trade compute for memory in policy and critic.")
+    reuse_scoring_forward: bool = opt(True, "The rollout's policy and critic forwards keep their graph and serve as the "
+                                            "first optimizer step's forwards (same weights, same inputs): two forwards "
+                                            "fewer per update. Applies with placement=separate, num_minibatches=1, "
+                                            "gradient_accumulation_steps=1, one rollout chunk, no gradient checkpointing; "
+                                            "false frees those activations until the optimisation phase.")
     release_memory: bool = opt(False, "glibc (Linux): give every allocation of 1 MiB or more its own mapping, returned to the OS when freed. glibc otherwise lets activation-sized blocks fragment its heap: measured on SmolLM2 (benchmarks/memory.py) -1.2 GB steady-state peak with adapters on every block, at ~40% slower optimisation on CPU.")
 
     # --- where the four roles live -------------------------------------------

@@ -52,6 +52,7 @@ class SequenceScores:
     values: Tensor           # (B, R) V_old(s_t)
     scores: Tensor           # (B,)   reward per sequence
     trunk: Optional[Tensor]  # (B, P+R, H) output of the frozen lower blocks, shared by every role; None if not shared
+    graph: Optional[tuple[Tensor, Tensor]] = None  # policy logits (B, R, V) and values (B, R) with grad (keep_graph)
 
 
 class Roles(Protocol):
@@ -64,7 +65,11 @@ class Roles(Protocol):
         ...
 
     def score(self, input_ids: Tensor, attention_mask: Tensor, response_length: int, settings,
-              prompts: list[str], responses: list[str]) -> SequenceScores: ...
+              prompts: list[str], responses: list[str], keep_graph: bool = False) -> SequenceScores:
+        """Old log-probs, reference log-probs, values, scores. keep_graph: the policy and critic
+        forwards keep their autograd graph (SequenceScores.graph) for the first optimizer step;
+        a placement that cannot returns graph None and the trainer runs those forwards itself."""
+        ...
 
     def policy_logits(self, input_ids: Tensor, attention_mask: Tensor, response_length: int,
                       pad_id: Optional[int], trunk: Optional[Tensor] = None) -> Tensor:
@@ -126,14 +131,25 @@ class SeparateRoles:
         return sample_responses(self.policy, prompt_ids, prompt_mask, settings, tokenizer)
 
     @torch.no_grad()
-    def score(self, input_ids, attention_mask, response_length, settings, prompts, responses) -> SequenceScores:
-        def logprobs(model):
-            logits = self._logits(model, input_ids, attention_mask, response_length, settings.pad_id)
-            return logprobs_from_logits(logits, input_ids[:, -response_length:], settings.temperature)
+    def score(self, input_ids, attention_mask, response_length, settings, prompts, responses,
+              keep_graph: bool = False) -> SequenceScores:
+        tokens = input_ids[:, -response_length:]
 
+        def logprobs(logits):
+            return logprobs_from_logits(logits, tokens, settings.temperature)
+
+        graph = None
+        if keep_graph:  # the first optimizer step's forwards, done once: same weights, same inputs
+            with torch.enable_grad():
+                graph = (self.policy_logits(input_ids, attention_mask, response_length, settings.pad_id),
+                         self.values(input_ids, attention_mask, response_length))
+            policy_logits, values = graph[0].detach(), graph[1].detach()
+        else:
+            policy_logits = self._logits(self.policy, input_ids, attention_mask, response_length, settings.pad_id)
+            values = self.values(input_ids, attention_mask, response_length)
+        reference_logits = self._logits(self.reference, input_ids, attention_mask, response_length, settings.pad_id)
         scores = self.reward.score(prompts, responses, input_ids, attention_mask).to(input_ids.device)
-        return SequenceScores(logprobs(self.policy), logprobs(self.reference),
-                              self.values(input_ids, attention_mask, response_length), scores, None)
+        return SequenceScores(logprobs(policy_logits), logprobs(reference_logits), values, scores, None, graph)
 
     @staticmethod
     def _logits(model, input_ids, attention_mask, response_length, pad_id):
@@ -254,7 +270,9 @@ class SharedBaseRoles:
             return sample_responses(self.causal_lm, prompt_ids, prompt_mask, settings, tokenizer)
 
     @torch.no_grad()
-    def score(self, input_ids, attention_mask, response_length, settings, prompts, responses) -> SequenceScores:
+    def score(self, input_ids, attention_mask, response_length, settings, prompts, responses,
+              keep_graph: bool = False) -> SequenceScores:
+        # keep_graph is not supported here (adapters switch between the forwards): graph stays None.
         # The reward adapter reads EOS-terminated texts (as `tether reward` trains it); the
         # other roles the sequences as sampled. One trunk, of the longer of the two, serves all.
         reward_ids, reward_mask = input_ids, attention_mask

@@ -48,6 +48,7 @@ class Rollout:
     prompts: list[str]      # decoded prompts (special tokens removed)
     responses: list[str]    # decoded responses (special tokens removed)
     trunk: Optional[Tensor] = None  # (B, P+R, H) frozen lower blocks' output, shared by every role (shared_base)
+    graph: Optional[tuple] = None   # policy logits and values with grad, for the first optimizer step (keep_graph)
     generate_s: float = 0.0         # seconds spent sampling
     score_s: float = 0.0            # seconds spent scoring with the four roles
 
@@ -192,15 +193,17 @@ def response_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tenso
 
 @torch.no_grad()
 def collect_rollout(roles, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, settings: GenerationSettings,
-                    chunk_size: int = 0) -> Rollout:
-    """1) sample from the policy, 2) score with policy, reference, critic and reward — chunk by chunk."""
+                    chunk_size: int = 0, keep_graph: bool = False) -> Rollout:
+    """1) sample from the policy, 2) score with policy, reference, critic and reward — chunk by chunk.
+    keep_graph (one chunk only): the policy and critic scoring forwards keep their graph (Rollout.graph)."""
     size = chunk_size or prompt_ids.shape[0]
-    parts = [_rollout_chunk(roles, tokenizer, prompt_ids[i : i + size], prompt_mask[i : i + size], settings)
-             for i in range(0, prompt_ids.shape[0], size)]
+    keep_graph = keep_graph and size >= prompt_ids.shape[0]
+    parts = [_rollout_chunk(roles, tokenizer, prompt_ids[i : i + size], prompt_mask[i : i + size], settings,
+                            keep_graph) for i in range(0, prompt_ids.shape[0], size)]
     return parts[0] if len(parts) == 1 else concat_rollouts(parts, settings.pad_id)
 
 
-def _rollout_chunk(roles, tokenizer, prompt_ids, prompt_mask, settings) -> Rollout:
+def _rollout_chunk(roles, tokenizer, prompt_ids, prompt_mask, settings, keep_graph: bool = False) -> Rollout:
     start = time.perf_counter()
     response_ids, response_mask, ended = roles.sample(prompt_ids, prompt_mask, settings, tokenizer)
     generated = time.perf_counter()
@@ -208,10 +211,12 @@ def _rollout_chunk(roles, tokenizer, prompt_ids, prompt_mask, settings) -> Rollo
     attention_mask = torch.cat([prompt_mask.long(), response_mask.long()], dim=1)
     prompts = tokenizer.batch_decode(prompt_ids, skip_special_tokens=True)
     responses = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
-    out = roles.score(input_ids, attention_mask, response_ids.shape[1], settings, prompts, responses)
+    extra = {"keep_graph": True} if keep_graph else {}
+    out = roles.score(input_ids, attention_mask, response_ids.shape[1], settings, prompts, responses, **extra)
     return Rollout(input_ids, attention_mask, response_mask, out.logprobs * response_mask,
                    out.ref_logprobs * response_mask, out.values * response_mask, out.scores, ended, prompts,
-                   responses, out.trunk, generated - start, time.perf_counter() - generated)
+                   responses, out.trunk, getattr(out, "graph", None), generated - start,
+                   time.perf_counter() - generated)
 
 
 def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:

@@ -11,6 +11,7 @@ One update, top to bottom (DESIGN.md §1):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -71,6 +72,7 @@ class PPOBatch:
     advantages: Tensor      # (B, R) whitened GAE advantages
     returns: Tensor         # (B, R) advantages (unwhitened) + values
     trunk: Optional[Tensor] = None  # (B, P+R, H) frozen lower blocks' output from the rollout (shared_base)
+    graph: Optional[tuple] = None   # the rollout's policy logits (B, R, V) and values (B, R) with grad: first step only
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -344,7 +346,14 @@ class PPOTrainer:
         prompt_ids, prompt_mask = left_pad([self.prompts[i] for i in indices], self.tokenizer.pad_token_id)
         self.roles.eval()
         return collect_rollout(self.roles, self.tokenizer, prompt_ids.to(self.device), prompt_mask.to(self.device), self.settings,
-                               self.cfg.rollout_batch_size)
+                               self.cfg.rollout_batch_size, keep_graph=self.reuses_scoring_forward())
+
+    def reuses_scoring_forward(self) -> bool:
+        """The first optimizer step sees the whole batch in one micro-batch with the rollout's weights:
+        its policy and critic forwards are the rollout's, kept with their graph."""
+        cfg = self.cfg
+        return (cfg.reuse_scoring_forward and cfg.num_minibatches == 1 and cfg.gradient_accumulation_steps == 1
+                and not cfg.gradient_checkpointing and not self.policy_frozen())
 
     def process_scores(self, rollout: Rollout) -> tuple[Tensor, Tensor]:
         """(logged score, score used for training): missing-EOS penalty, then normalise, then clip."""
@@ -367,7 +376,7 @@ class PPOTrainer:
         if self.cfg.whiten_advantages:
             advantages = masked_whiten(advantages, mask)
         return PPOBatch(rollout.input_ids, rollout.attention_mask, mask, rollout.logprobs, rollout.ref_logprobs,
-                        rollout.values, advantages, returns, rollout.trunk)
+                        rollout.values, advantages, returns, rollout.trunk, rollout.graph)
 
     # --- optimisation --------------------------------------------------------------
 
@@ -377,10 +386,16 @@ class PPOTrainer:
         self.roles.train()
         totals: dict[str, list[float]] = defaultdict(list)
         steps, stopped = 0, False
+        first, batch = batch, dataclasses.replace(batch, graph=None)
+        reuse = first.graph is not None and cfg.micro_batch_size >= len(first)
         for _epoch in range(cfg.ppo_epochs):
             order = torch.randperm(len(batch), generator=self.shuffle_generator)
             for minibatch in order.split(cfg.minibatch_size):
-                stats = self.optimizer_step(select_rows(batch, minibatch.to(batch.input_ids.device)))
+                if steps == 0 and reuse:  # the whole batch in one micro-batch, as the rollout scored it
+                    stats = self.optimizer_step(first)
+                    first.graph = None  # a graph serves one backward only
+                else:
+                    stats = self.optimizer_step(select_rows(batch, minibatch.to(batch.input_ids.device)))
                 if steps == 0:
                     self.first_minibatch_stats = dict(stats)
                 steps += 1
@@ -437,7 +452,8 @@ class PPOTrainer:
         if not frozen:
             _check_finite(loss, "policy loss", self.update)
             loss.backward()
-        values = self.roles.values(micro.input_ids, micro.attention_mask, length, micro.trunk)
+        values = (micro.graph[1] if micro.graph is not None
+                  else self.roles.values(micro.input_ids, micro.attention_mask, length, micro.trunk))
         v_loss, vs = clipped_value_loss(values, micro.old_values, micro.returns, micro.response_mask,
                                         cfg.value_clip_eps, num_tokens=num_tokens)
         _check_finite(v_loss, "value loss", self.update)
@@ -449,8 +465,8 @@ class PPOTrainer:
         cfg = self.cfg
         mask = micro.response_mask
         length = mask.shape[1]
-        logits = self.roles.policy_logits(micro.input_ids, micro.attention_mask, length, self.tokenizer.pad_token_id,
-                                          micro.trunk)
+        logits = micro.graph[0] if micro.graph is not None else self.roles.policy_logits(
+            micro.input_ids, micro.attention_mask, length, self.tokenizer.pad_token_id, micro.trunk)
         logprobs = logprobs_from_logits(logits, micro.input_ids[:, -length:], cfg.temperature)
         # PPO eq. 7 (clipped surrogate); ratio is exactly 1 on the first minibatch (N-details item 15).
         loss, pg = clipped_policy_loss(logprobs, micro.old_logprobs, micro.advantages, mask, cfg.clip_eps,
