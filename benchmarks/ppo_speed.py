@@ -415,7 +415,9 @@ def report(results: dict) -> None:
     for name, r in results.items():
         t, l = r["first"]["tether"], r["first"]["trl"]
         same_prompts = abs(r["prompt_tokens"]["tether"] - r["prompt_tokens"]["trl"]) < 0.01
-        print(f"  {name}: policy loss tether {t['policy_loss']:+.4f} / TRL {l['policy_loss']:+.4f}; value loss "
+        a, b = t["policy_loss"], l["policy_loss"]
+        comparable = a * b > 0 and 0.5 <= a / b <= 2  # same sign, within 2x: different samples, same objective
+        print(f"  {name}: policy loss tether {a:+.4f} / TRL {b:+.4f} ({'comparable' if comparable else 'NOT COMPARABLE'}); value loss "
               f"tether {t['value_loss']:.4f} / TRL {l['value_loss']:.4f}; KL tether {t['kl']:.3f} / TRL {l['kl']:.3f}; "
               f"prompt tokens {t['prompt_tokens']:.2f} / {l['prompt_tokens']:.2f} ({'same' if same_prompts else 'DIFFER'})")
 
