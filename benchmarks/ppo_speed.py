@@ -163,8 +163,7 @@ def tether_worker(spec: dict) -> dict:
                       lora_layers=LORA["top_layers"], reward_model=spec["lora_reward"])
     else:
         values.update(reward_model=spec["reward"], critic=spec["value"])
-    trainer = build_ppo_trainer(config_from_dict(PPOConfig, values))
-    set_threads(spec["threads"])
+    trainer = build_ppo_trainer(config_from_dict(PPOConfig, values))  # sets num_threads itself
     updates, first = [], {}
     for index in range(spec["updates"]):
         m = trainer.step()
@@ -333,9 +332,7 @@ def phase_flops(dims: dict, batch: int, prompt: float, response: int, lora_top: 
 
 
 def model_dims(policy_dir: str) -> dict:
-    import json as _json
-
-    config = _json.loads((Path(policy_dir) / "config.json").read_text())
+    config = json.loads((Path(policy_dir) / "config.json").read_text())
     d = config.get("n_embd") or config["hidden_size"]
     layers = config.get("n_layer") or config["num_hidden_layers"]
     if "n_embd" in config:

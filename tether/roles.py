@@ -138,15 +138,12 @@ class SeparateRoles:
         def logprobs(logits):
             return logprobs_from_logits(logits, tokens, settings.temperature)
 
-        graph = None
-        if keep_graph:  # the first optimizer step's forwards, done once: same weights, same inputs
-            with torch.enable_grad():
-                graph = (self.policy_logits(input_ids, attention_mask, response_length, settings.pad_id),
-                         self.values(input_ids, attention_mask, response_length))
-            policy_logits, values = graph[0].detach(), graph[1].detach()
-        else:
-            policy_logits = self._logits(self.policy, input_ids, attention_mask, response_length, settings.pad_id)
+        # With keep_graph these are the first optimizer step's forwards, done once: same weights, same inputs.
+        with torch.set_grad_enabled(keep_graph):
+            policy_logits = self.policy_logits(input_ids, attention_mask, response_length, settings.pad_id)
             values = self.values(input_ids, attention_mask, response_length)
+        graph = (policy_logits, values) if keep_graph else None
+        policy_logits, values = policy_logits.detach(), values.detach()
         reference_logits = self._logits(self.reference, input_ids, attention_mask, response_length, settings.pad_id)
         scores = self.reward.score(prompts, responses, input_ids, attention_mask).to(input_ids.device)
         return SequenceScores(logprobs(policy_logits), logprobs(reference_logits), values, scores, None, graph)

@@ -211,11 +211,10 @@ def _rollout_chunk(roles, tokenizer, prompt_ids, prompt_mask, settings, keep_gra
     attention_mask = torch.cat([prompt_mask.long(), response_mask.long()], dim=1)
     prompts = tokenizer.batch_decode(prompt_ids, skip_special_tokens=True)
     responses = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
-    extra = {"keep_graph": True} if keep_graph else {}
-    out = roles.score(input_ids, attention_mask, response_ids.shape[1], settings, prompts, responses, **extra)
+    out = roles.score(input_ids, attention_mask, response_ids.shape[1], settings, prompts, responses, keep_graph)
     return Rollout(input_ids, attention_mask, response_mask, out.logprobs * response_mask,
                    out.ref_logprobs * response_mask, out.values * response_mask, out.scores, ended, prompts,
-                   responses, out.trunk, getattr(out, "graph", None), generated - start,
+                   responses, out.trunk, out.graph, generated - start,
                    time.perf_counter() - generated)
 
 
