@@ -76,6 +76,8 @@ class PPOConfig:
     top_k: int = opt(0, "Sample from the k most likely tokens (0 = off).")
     top_p: float = opt(1.0, "Nucleus sampling mass (1.0 = off).")
     stop_strings: list[str] = opt([], "Extra strings that end a response (EOS always does).")
+    generation_backend: Literal["builtin", "vllm"] = opt("builtin", "Who samples: 'builtin' (tether's batched sampler, any device) or 'vllm' (a vLLM engine colocated on each rank's GPU, `pip install 'tether[vllm]'`; weights or the policy adapter pushed after every update; log-probs for PPO are still the trainer's, the gap is logged as generation/logprob_gap).")
+    vllm_gpu_memory_utilization: float = opt(0.3, "Share of each GPU's memory the vLLM engine may take (generation_backend=vllm); the rest is training's.")
 
     # --- batch sizes --------------------------------------------------------
     batch_size: int = opt(16, "Prompts (rollouts) per PPO update.")
@@ -170,6 +172,8 @@ class PPOConfig:
                               f"{self.min_new_tokens}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 < self.vllm_gpu_memory_utilization < 1:
+            raise ConfigError(f"vllm_gpu_memory_utilization must be in (0, 1), got {self.vllm_gpu_memory_utilization}")
         if self.gold_reward_fn is not None and ":" not in self.gold_reward_fn:
             raise ConfigError(f"gold_reward_fn must look like 'package.module:function', got {self.gold_reward_fn!r}")
         _positive(self, "eval_every", "eval_max_prompts", "max_skipped_updates")

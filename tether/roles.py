@@ -346,6 +346,13 @@ class SharedBaseRoles:
         return save_checkpoint(path, _AdapterWriter(self, "policy"), tokenizer, _AdapterWriter(self, "critic"),
                                state, tensors)
 
+    def policy_adapter(self, path) -> Path:
+        """Only the policy adapter, in peft format, at `path` (what a generation engine on the same base needs)."""
+        from tether.lora import save_adapter
+
+        save_adapter(self.model, "policy", path)
+        return Path(path)
+
     def load(self, path) -> None:
         """Policy and critic adapters and the value head from a directory `save` wrote."""
         from safetensors.torch import load_file

@@ -51,6 +51,7 @@ class Rollout:
     graph: Optional[tuple] = None   # policy logits and values with grad, for the first optimizer step (keep_graph)
     generate_s: float = 0.0         # seconds spent sampling
     score_s: float = 0.0            # seconds spent scoring with the four roles
+    engine_logprobs: Optional[Tensor] = None  # (B, R) what the generation engine reported (never trained on)
 
     @property
     def prompt_length(self) -> int:
@@ -193,29 +194,35 @@ def response_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tenso
 
 @torch.no_grad()
 def collect_rollout(roles, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, settings: GenerationSettings,
-                    chunk_size: int = 0, keep_graph: bool = False) -> Rollout:
-    """1) sample from the policy, 2) score with policy, reference, critic and reward — chunk by chunk.
+                    chunk_size: int = 0, keep_graph: bool = False, backend=None) -> Rollout:
+    """1) sample (the generation backend; default: the built-in sampler on the policy), 2) score with
+    policy, reference, critic and reward — chunk by chunk.
     keep_graph (one chunk only): the policy and critic scoring forwards keep their graph (Rollout.graph)."""
+    from tether.generation import BuiltinSampler
+
+    backend = backend or BuiltinSampler()
     size = chunk_size or prompt_ids.shape[0]
     keep_graph = keep_graph and size >= prompt_ids.shape[0]
     parts = [_rollout_chunk(roles, tokenizer, prompt_ids[i : i + size], prompt_mask[i : i + size], settings,
-                            keep_graph) for i in range(0, prompt_ids.shape[0], size)]
+                            keep_graph, backend) for i in range(0, prompt_ids.shape[0], size)]
     return parts[0] if len(parts) == 1 else concat_rollouts(parts, settings.pad_id)
 
 
-def _rollout_chunk(roles, tokenizer, prompt_ids, prompt_mask, settings, keep_graph: bool = False) -> Rollout:
+def _rollout_chunk(roles, tokenizer, prompt_ids, prompt_mask, settings, keep_graph: bool, backend) -> Rollout:
     start = time.perf_counter()
-    response_ids, response_mask, ended = roles.sample(prompt_ids, prompt_mask, settings, tokenizer)
+    sampled = backend.generate(roles, prompt_ids, prompt_mask, settings, tokenizer)
+    response_ids, response_mask, ended = sampled.response_ids, sampled.response_mask, sampled.ended
     generated = time.perf_counter()
     input_ids = torch.cat([prompt_ids, response_ids], dim=1)
     attention_mask = torch.cat([prompt_mask.long(), response_mask.long()], dim=1)
     prompts = tokenizer.batch_decode(prompt_ids, skip_special_tokens=True)
     responses = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
     out = roles.score(input_ids, attention_mask, response_ids.shape[1], settings, prompts, responses, keep_graph)
+    engine = sampled.engine_logprobs
     return Rollout(input_ids, attention_mask, response_mask, out.logprobs * response_mask,
                    out.ref_logprobs * response_mask, out.values * response_mask, out.scores, ended, prompts,
                    responses, out.trunk, out.graph, generated - start,
-                   time.perf_counter() - generated)
+                   time.perf_counter() - generated, engine * response_mask if engine is not None else None)
 
 
 def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
@@ -235,7 +242,11 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
     if parts[0].trunk is not None:  # (B, P+R(+1), H): left-pad to the prompt width, right-pad to the widest
         width = max(p.trunk.shape[1] + prompt_width - p.prompt_length for p in parts)
         trunk = torch.cat([_pad_hidden(p.trunk, prompt_width - p.prompt_length, width) for p in parts])
-    return Rollout(**joined, scores=torch.cat([p.scores for p in parts]), ended=torch.cat([p.ended for p in parts]),
+    engine = None
+    if parts[0].engine_logprobs is not None:
+        engine = torch.cat([_pad(p.engine_logprobs, 0, response_width - p.response_mask.shape[1], 0) for p in parts])
+    return Rollout(**joined, engine_logprobs=engine, scores=torch.cat([p.scores for p in parts]),
+                   ended=torch.cat([p.ended for p in parts]),
                    prompts=sum((p.prompts for p in parts), []), responses=sum((p.responses for p in parts), []),
                    trunk=trunk, generate_s=sum(p.generate_s for p in parts), score_s=sum(p.score_s for p in parts))
 

@@ -87,17 +87,18 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = False) -> Tensor:
     return (centered * centered).sum() / denom.clamp(min=1)
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  moments: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Whiten ``x`` over the real positions of the whole tensor: ``(x - mean) / sqrt(var + eps)``.
 
     Shapes: ``x`` (B, R), ``mask`` (B, R) -> (B, R). Mean and (biased) variance are taken
     over all real tokens of the batch (N-details item 10: advantages are whitened to mean
     0, std 1). With ``shift_mean=False`` the mean is added back (scale only, used for
-    rewards). Masked-out positions are 0 in the output.
+    rewards). Masked-out positions are 0 in the output. ``moments``: (mean, var) taken
+    elsewhere, e.g. over every rank's share of the batch, instead of over ``x``.
     """
     x = _zero_masked(x, mask)  # sanitise first: inf garbage must not reach values or grads
-    mean = masked_mean(x, mask)
-    var = masked_var(x, mask)
+    mean, var = moments if moments is not None else (masked_mean(x, mask), masked_var(x, mask))
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean

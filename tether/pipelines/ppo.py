@@ -13,8 +13,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from tether import distributed
 from tether.checkpoint import seed_everything
-from tether.config import PPOConfig, config_to_dict, lora_settings, save_config
+from tether.config import ConfigError, PPOConfig, config_to_dict, lora_settings, save_config
 from tether.data import load_records, load_texts, pack_texts, tokenize_prompts
 from tether.models import (
     disable_dropout,
@@ -40,8 +41,10 @@ log = logging.getLogger(__name__)
 
 
 def set_threads(requested: int) -> None:
-    """Never more torch threads than cores: oversubscription is catastrophic on small machines."""
-    cores = os.cpu_count() or 1
+    """Never more torch threads than cores: oversubscription is catastrophic on small machines.
+    Under torchrun the ranks on one machine share its cores."""
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    cores = max(1, (os.cpu_count() or 1) // ranks_here)
     torch.set_num_threads(min(requested, cores) if requested else cores)
 
 
@@ -69,14 +72,56 @@ def start_run(cfg) -> RunStart:
     set_threads(cfg.num_threads)
     if getattr(cfg, "release_memory", False):
         return_freed_memory_to_os()
-    seed_everything(cfg.seed)
-    return open_run(cfg.output_dir, config_to_dict(cfg), getattr(cfg, "resume", False), cfg.overwrite)
+    seed_everything(cfg.seed)  # the same on every rank: models and adapters are built identically
+    return open_run_on_main(cfg)
+
+
+class _NoLock:
+    """What the ranks other than 0 hold: rank 0 owns the run directory's lock."""
+
+    def release(self) -> None:
+        pass
+
+
+def open_run_on_main(cfg) -> RunStart:
+    """Rank 0 checks and locks the run directory; the other ranks learn what it found, or its error."""
+    if distributed.is_main():
+        try:
+            start = open_run(cfg.output_dir, config_to_dict(cfg), getattr(cfg, "resume", False), cfg.overwrite)
+        except Exception as err:
+            distributed.broadcast_object(err)
+            raise
+        distributed.broadcast_object((start.path, start.checkpoint))
+        return start
+    found = distributed.broadcast_object(None)
+    if isinstance(found, Exception):
+        raise found
+    return RunStart(found[0], found[1], _NoLock())
 
 
 def commit(start: RunStart, cfg, resumed_step: Optional[int] = None) -> Path:
-    """Every check has passed: clear an overwritten run, write config.yaml, truncate resumed logs."""
-    commit_run(start, lambda path: save_config(cfg, path), resumed_step)
+    """Every check has passed: clear an overwritten run, write config.yaml, truncate resumed logs (rank 0)."""
+    if distributed.is_main():
+        commit_run(start, lambda path: save_config(cfg, path), resumed_step)
+    distributed.barrier()
     return start.path
+
+
+def join_ranks(cfg) -> None:
+    """Under torchrun: join the process group and check every batch divides into equal shares."""
+    device = pick_device(cfg.device)
+    if not distributed.init(device.type):
+        return
+    world = distributed.world_size()
+    if device.type == "cuda" and cfg.device in ("auto", "cuda"):
+        cfg.device = f"cuda:{distributed.local_rank()}"
+    sizes = {"batch_size": cfg.batch_size}
+    if hasattr(cfg, "minibatch_size"):
+        sizes["micro-batch (batch_size / num_minibatches / gradient_accumulation_steps)"] = cfg.micro_batch_size
+    for name, size in sizes.items():
+        if size % world:
+            raise ConfigError(f"{name} = {size} does not split into {world} equal shares, one per rank; make it a "
+                              f"multiple of {world} (torchrun --nproc_per_node)")
 
 
 @contextmanager
@@ -92,14 +137,17 @@ def locked(start: RunStart, until_done: bool = True):
         start.lock.release()
 
 
-def build_ppo_trainer(cfg: PPOConfig) -> PPOTrainer:
+def build_ppo_trainer(cfg: PPOConfig, generation=None) -> PPOTrainer:
+    """The trainer, ready to train. `generation`: a generation backend to use instead of the
+    configured one (tether/generation.py)."""
     cfg.validate()
+    join_ranks(cfg)
     start = start_run(cfg)
     with locked(start, until_done=False):
-        return _build_ppo_trainer(cfg, start)
+        return _build_ppo_trainer(cfg, start, generation)
 
 
-def _build_ppo_trainer(cfg: PPOConfig, start: RunStart) -> PPOTrainer:
+def _build_ppo_trainer(cfg: PPOConfig, start: RunStart, generation=None) -> PPOTrainer:
     device, dtype = pick_device(cfg.device), torch_dtype(cfg.dtype)
 
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.policy)
@@ -114,16 +162,37 @@ def _build_ppo_trainer(cfg: PPOConfig, start: RunStart) -> PPOTrainer:
     roles = build_roles(cfg, tokenizer, dtype, device, reward_fn)
     gold = load_reward_fn(cfg.gold_reward_fn) if cfg.gold_reward_fn else None
     eval_prompts = load_prompts(cfg, tokenizer, cfg.eval_prompts)[: cfg.eval_max_prompts] if cfg.eval_prompts else None
+    if distributed.active():  # identical starting weights; then each rank samples its own random numbers
+        distributed.broadcast_parameters(roles.trainable("policy") + roles.trainable("critic"))
+        seed_everything(distributed.rank_seed(cfg.seed))
+    generation = generation or generation_backend(cfg)
     trainer = PPOTrainer(cfg, roles, tokenizer, prompts, ptx_blocks=ptx_blocks, run_dir=start.path, device=device,
-                         gold=gold, eval_prompts=eval_prompts)
+                         gold=gold, eval_prompts=eval_prompts, generation=generation)
     if start.checkpoint is not None:
         trainer.load_state(start.checkpoint)
         log.info("resuming %s from %s (update %d of %d)", start.path, start.checkpoint, trainer.update,
                  cfg.total_updates)
+    trainer.generation.sync_weights(roles)  # an engine starts from the policy as it is now (resumed or not)
     run_dir = commit(start, cfg, trainer.update if start.checkpoint is not None else None)
-    trainer.tracker = make_tracker(run_dir, cfg.log_with, cfg.wandb_project, config_to_dict(cfg))
+    if distributed.is_main():
+        trainer.tracker = make_tracker(run_dir, cfg.log_with, cfg.wandb_project, config_to_dict(cfg))
     trainer.lock = start.lock
     return trainer
+
+
+def generation_backend(cfg: PPOConfig):
+    """The configured sampler: the built-in one, or a vLLM engine colocated on this rank's GPU."""
+    from tether.generation import BuiltinSampler, VLLMBackend
+
+    if cfg.generation_backend == "builtin":
+        return BuiltinSampler()
+    if not pick_device(cfg.device).type == "cuda":
+        raise ConfigError("generation_backend=vllm runs on CUDA GPUs only; use generation_backend=builtin on "
+                          f"device {cfg.device}")
+    import tempfile
+
+    scratch = Path(tempfile.mkdtemp(prefix=f"tether-engine-rank{distributed.rank()}-"))  # adapters for the engine
+    return VLLMBackend.start(cfg.policy, cfg, scratch, distributed.rank_seed(cfg.seed))
 
 
 def build_roles(cfg: PPOConfig, tokenizer, dtype, device, reward_fn=None):

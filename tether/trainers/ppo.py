@@ -27,6 +27,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from tether import distributed
 from tether.algo import (
     AdaptiveKLController,
     FixedKLController,
@@ -43,13 +44,15 @@ from tether.algo import (
     lm_loss,
     logprobs_from_logits,
     masked_mean,
+    masked_var,
     masked_whiten,
     shape_rewards,
 )
-from tether.checkpoint import read_trainer_state, rng_state, set_rng_state
+from tether.checkpoint import read_trainer_state, rng_state, seed_everything, set_rng_state
 from tether.config import PPOConfig
 from tether.data import BlockSampler, PromptSampler, left_pad
 from tether.doctor import Doctor, distinct_n
+from tether.generation import BuiltinSampler, GenerationBackend, logprob_gap
 from tether.models import eos_token_ids
 from tether.roles import Roles
 from tether.rollout import GenerationSettings, Rollout, collect_rollout, select_rows
@@ -133,17 +136,27 @@ def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
 
 
 class PPOTrainer:
-    """Handed its collaborators (the four roles in one `Roles` object, data, sinks); owns the
-    optimizers, the KL controller and the data position."""
+    """Handed its collaborators (the four roles in one `Roles` object, data, sinks, the generation
+    backend); owns the optimizers, the KL controller and the data position.
+
+    Under torchrun every rank runs this same loop on its share of each batch (tether/distributed.py);
+    only rank 0 writes files."""
 
     def __init__(self, cfg: PPOConfig, roles: Roles, tokenizer, prompts: list[list[int]],
                  tracker: Optional[Tracker] = None, ptx_blocks: Optional[Tensor] = None,
                  run_dir: Optional[Path] = None, device: torch.device = torch.device("cpu"), gold=None,
-                 eval_prompts: Optional[list[list[int]]] = None):
+                 eval_prompts: Optional[list[list[int]]] = None, generation: Optional[GenerationBackend] = None):
         self.cfg, self.roles = cfg, roles
         self.tokenizer, self.prompts, self.tracker, self.device = tokenizer, prompts, tracker, device
+        self.generation = generation or BuiltinSampler()
+        self.world = distributed.world_size()
+        self.writes = distributed.is_main()  # rank 0 alone writes logs, samples, reports and checkpoints
+        # Each rank takes an equal share of every batch, minibatch and micro-batch (checked by the pipeline).
+        self.local_batch_size = cfg.batch_size // self.world
+        self.local_minibatch_size = cfg.minibatch_size // self.world
+        self.local_micro_batch_size = cfg.micro_batch_size // self.world
         self.run_dir = Path(run_dir) if run_dir else None
-        self.samples = SampleWriter(self.run_dir / "samples.jsonl") if self.run_dir else None
+        self.samples = SampleWriter(self.run_dir / "samples.jsonl") if self.run_dir and self.writes else None
         self.settings = GenerationSettings(
             max_new_tokens=cfg.max_new_tokens, eos_ids=eos_token_ids(tokenizer, roles.generation_model), pad_id=tokenizer.pad_token_id,
             temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, stop_strings=list(cfg.stop_strings),
@@ -152,7 +165,8 @@ class PPOTrainer:
                               else FixedKLController(cfg.kl_coef))
         self.score_moments = RunningMoments()
         self.prompt_sampler = PromptSampler(len(prompts), seed=cfg.seed)
-        self.ptx_sampler = BlockSampler(ptx_blocks, seed=cfg.seed + 1) if ptx_blocks is not None else None
+        self.ptx_sampler = (BlockSampler(ptx_blocks, seed=distributed.rank_seed(cfg.seed + 1))
+                            if ptx_blocks is not None else None)
         self.shuffle_generator = torch.Generator().manual_seed(cfg.seed + 2)
         total_steps = cfg.total_updates * cfg.ppo_epochs * cfg.num_minibatches
         policy_steps = (cfg.total_updates - cfg.critic_warmup_updates) * cfg.ppo_epochs * cfg.num_minibatches
@@ -186,7 +200,7 @@ class PPOTrainer:
         from tqdm.contrib.logging import logging_redirect_tqdm
 
         bar = tqdm(total=self.cfg.total_updates, initial=self.update, desc="ppo", unit="update",
-                   disable=not self.cfg.progress, dynamic_ncols=True)
+                   disable=not self.cfg.progress or not self.writes, dynamic_ncols=True)
         try:
             with logging_redirect_tqdm(), stop_requests(self._request_stop):  # doctor warnings print above the bar
                 metrics = self._run_updates(bar)
@@ -218,9 +232,9 @@ class PPOTrainer:
             if self.skipped_in_a_row >= cfg.max_skipped_updates:
                 self._stop(f"{self.skipped_in_a_row} updates in a row were skipped; the first because "
                            f"{self.first_skip_reason}")
-            if self.stop_signal is not None:
-                self._stop(f"stopped by {signal.Signals(self.stop_signal).name} after update {self.update}",
-                           STOP_SIGNALS[self.stop_signal])
+            if distributed.any_rank(self.stop_signal is not None):  # every rank stops at the same update
+                sig = self.stop_signal or signal.SIGTERM
+                self._stop(f"stopped by {signal.Signals(sig).name} after update {self.update}", STOP_SIGNALS[sig])
             if cfg.save_every and self.update % cfg.save_every == 0 and self.update < cfg.total_updates:
                 self.save_checkpoint()
         return metrics
@@ -232,7 +246,8 @@ class PPOTrainer:
         if self.run_dir is None:
             return None
         path = self.save(self.run_dir / f"checkpoint-{self.update}")
-        prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)
+        if self.writes:
+            prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)
         return path
 
     def _stop(self, reason: str, exit_code: int = 1) -> None:
@@ -244,20 +259,31 @@ class PPOTrainer:
 
     def save(self, path: Path) -> Path:
         """Policy + tokenizer (plain transformers format), critic, and the training state: everything
-        `load_state` needs to continue exactly where this update left off."""
+        `load_state` needs to continue exactly where this update left off. Every rank calls it (each
+        rank's random streams are gathered); rank 0 writes."""
         rng, rng_tensors = rng_state()
+        per_rank = distributed.gather_objects({"rng": rng, "rng_tensors": rng_tensors,
+                                               "ptx_sampler": self.ptx_sampler.state_dict() if self.ptx_sampler else None})
         state = {"update": self.update, "kl_coef": self.kl_controller.value,
                  "kl_controller": self.kl_controller.state_dict(), "score_moments": self.score_moments.state_dict(),
                  "prompt_sampler": self.prompt_sampler.state_dict(),
                  "ptx_sampler": self.ptx_sampler.state_dict() if self.ptx_sampler else None,
                  **rng, "doctor": self.doctor.state_dict(), "first_eval": self.first_eval,
-                 "skipped": [self.skipped_updates, self.skipped_in_a_row, self.first_skip_reason]}
+                 "skipped": [self.skipped_updates, self.skipped_in_a_row, self.first_skip_reason],
+                 "world_size": self.world}
         tensors = {"policy_optimizer": self.policy_optimizer.state_dict(),
                    "critic_optimizer": self.critic_optimizer.state_dict(),
                    "policy_scheduler": self.policy_scheduler.state_dict(),
                    "critic_scheduler": self.critic_scheduler.state_dict(),
                    "shuffle_rng": self.shuffle_generator.get_state(), **rng_tensors}
-        return self.roles.save(path, self.tokenizer, state, tensors)
+        if self.world > 1:
+            state["ranks"] = [{"rng": r["rng"], "ptx_sampler": r["ptx_sampler"]} for r in per_rank]
+            for index, r in enumerate(per_rank):
+                tensors.update({f"rank{index}/{k}": v for k, v in r["rng_tensors"].items()})
+        if self.writes:
+            self.roles.save(path, self.tokenizer, state, tensors)
+        distributed.barrier()  # nobody reads or prunes checkpoints before rank 0 has written this one
+        return path
 
     def load_state(self, path: Path) -> None:
         """Continue from a checkpoint `save` wrote: weights, optimizers, schedulers, controllers, data
@@ -269,7 +295,14 @@ class PPOTrainer:
         self.critic_optimizer.load_state_dict(tensors["critic_optimizer"])
         self.policy_scheduler.load_state_dict(tensors["policy_scheduler"])
         self.critic_scheduler.load_state_dict(tensors["critic_scheduler"])
-        set_rng_state(state, tensors)
+        saved_world = state.get("world_size", 1)
+        if saved_world == self.world:
+            state, tensors = self._own_random_streams(state, tensors)
+            set_rng_state(state, tensors)
+        else:  # weights, optimizers and data position continue; the random streams cannot
+            log.warning("the checkpoint was written by %d rank(s), this run has %d: the random streams start afresh, "
+                        "so this resume is not exact", saved_world, self.world)
+            seed_everything(distributed.rank_seed(self.cfg.seed + state["update"]))
         self.shuffle_generator.set_state(tensors["shuffle_rng"])
         self.kl_controller.load_state_dict(state["kl_controller"])
         self.score_moments.load_state_dict(state["score_moments"])
@@ -281,30 +314,33 @@ class PPOTrainer:
         self.skipped_updates, self.skipped_in_a_row, self.first_skip_reason = state["skipped"]
         self.update = state["update"]
 
+    def _own_random_streams(self, state: dict, tensors: dict) -> tuple[dict, dict]:
+        """This rank's RNG and ptx-sampler states from a checkpoint written by as many ranks as run now."""
+        if self.world == 1:
+            return state, tensors
+        mine, prefix = state["ranks"][distributed.rank()], f"rank{distributed.rank()}/"
+        own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        return {**state, **mine["rng"], "ptx_sampler": mine["ptx_sampler"]}, {**tensors, **own}
+
     # --- the update ----------------------------------------------------------------
 
     def step(self) -> dict[str, float]:
         """One PPO update; returns its metrics."""
         cfg = self.cfg
         start = time.perf_counter()
-        # 1. Rollout (no grad): sample and score with all four roles.
-        rollout = self.rollout(self.prompt_sampler.next_batch(cfg.batch_size))
+        # 1. Rollout (no grad): sample and score with all four roles; each rank takes its share.
+        rollout = self.rollout(distributed.share(self.prompt_sampler.next_batch(cfg.batch_size)))
         rollout_s = time.perf_counter() - start
-        bad = _first_non_finite(score=rollout.scores, **{"policy log-prob": rollout.logprobs,
-                                "reference log-prob": rollout.ref_logprobs, "value": rollout.values})
-        if bad:  # before the score statistics or any weight see it
-            name, row, value = bad
-            return self.skip_update(
-                f"the rollout had a non-finite {name} ({value}) for response {row} {rollout.responses[row][:100]!r}: "
-                + ("check the reward model or function for that input" if name == "score" else
-                   "lower learning_rate (or check the models for inf/NaN weights)"))
+        bad = [b for b in distributed.gather_objects(self.non_finite_reason(rollout)) if b]
+        if bad:  # before the score statistics or any weight see it; every rank skips together
+            return self.skip_update(bad[0])
         # 2. Shape rewards: -β·KL_t per token, processed score on the last real token.
         raw_scores, scores = self.process_scores(rollout)
         beta = self.kl_controller.value
         in_reward = beta if cfg.kl_placement == "reward" else 0.0
         rewards, kl, kl_reward = shape_rewards(scores, rollout.logprobs, rollout.ref_logprobs, rollout.response_mask,
                                                in_reward, cfg.kl_estimator)
-        # 3. Advantages: GAE over response tokens, whitened over the batch's real tokens.
+        # 3. Advantages: GAE over response tokens, whitened over the (global) batch's real tokens.
         batch = self.make_batch(rollout, rewards)
         # 4. Optimise: ppo_epochs passes over shuffled minibatches.
         train_start = time.perf_counter()
@@ -317,8 +353,9 @@ class PPOTrainer:
         train_s = time.perf_counter() - train_start
         self.skipped_in_a_row = 0
         # 5. Control: the KL controller sees the mean summed KL per response (Ziegler et al. 2019).
-        kl_per_response = kl.sum(-1).mean().item()
+        kl_per_response = distributed.gather_rows(kl.sum(-1)).mean().item()
         self.kl_controller.update(kl_per_response, cfg.batch_size)
+        self.generation.sync_weights(self.roles)  # the next rollout samples from the updated policy
         self.update += 1
         metrics = {
             **self.rollout_metrics(rollout, raw_scores, rewards, kl_reward, kl_per_response, beta, batch),
@@ -329,6 +366,18 @@ class PPOTrainer:
         }
         self.after_update(rollout, raw_scores, metrics)
         return metrics
+
+    @staticmethod
+    def non_finite_reason(rollout: Rollout) -> Optional[str]:
+        """Why this rank's rollout must not reach the score statistics or the weights, or None."""
+        bad = _first_non_finite(score=rollout.scores, **{"policy log-prob": rollout.logprobs,
+                                "reference log-prob": rollout.ref_logprobs, "value": rollout.values})
+        if not bad:
+            return None
+        name, row, value = bad
+        return (f"the rollout had a non-finite {name} ({value}) for response {row} {rollout.responses[row][:100]!r}: "
+                + ("check the reward model or function for that input" if name == "score" else
+                   "lower learning_rate (or check the models for inf/NaN weights)"))
 
     def skip_update(self, reason: str) -> dict[str, float]:
         """Count the update and log why; no non-finite value reached the weights."""
@@ -345,8 +394,9 @@ class PPOTrainer:
     def rollout(self, indices: list[int]) -> Rollout:
         prompt_ids, prompt_mask = left_pad([self.prompts[i] for i in indices], self.tokenizer.pad_token_id)
         self.roles.eval()
-        return collect_rollout(self.roles, self.tokenizer, prompt_ids.to(self.device), prompt_mask.to(self.device), self.settings,
-                               self.cfg.rollout_batch_size, keep_graph=self.reuses_scoring_forward())
+        return collect_rollout(self.roles, self.tokenizer, prompt_ids.to(self.device), prompt_mask.to(self.device),
+                               self.settings, self.cfg.rollout_batch_size, keep_graph=self.reuses_scoring_forward(),
+                               backend=self.generation)
 
     def reuses_scoring_forward(self) -> bool:
         """The first optimizer step sees the whole batch in one micro-batch with the rollout's weights:
@@ -363,7 +413,7 @@ class PPOTrainer:
             scores = apply_missing_eos_penalty(scores, rollout.ended, cfg.missing_eos_penalty)
         logged = scores
         if cfg.normalize_scores:
-            self.score_moments.update(scores)
+            self.score_moments.update(distributed.gather_rows(scores))  # the whole batch's statistics
             scores = self.score_moments.normalize(scores)
         if cfg.score_clip is not None:
             scores = clip_scores(scores, cfg.score_clip)
@@ -372,9 +422,11 @@ class PPOTrainer:
     def make_batch(self, rollout: Rollout, rewards: Tensor) -> PPOBatch:
         mask = rollout.response_mask
         advantages, returns = gae(rewards, rollout.values, mask, self.cfg.gamma, self.cfg.lam)
-        self._raw_advantage_mean = masked_mean(advantages, mask).item()
-        if self.cfg.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
+        every_advantage, every_mask = distributed.gather_rows(advantages), distributed.gather_rows(mask)
+        self._raw_advantage_mean = masked_mean(every_advantage, every_mask).item()
+        if self.cfg.whiten_advantages:  # mean and variance over every rank's tokens
+            moments = (masked_mean(every_advantage, every_mask), masked_var(every_advantage, every_mask))
+            advantages = masked_whiten(advantages, mask, moments=moments)
         return PPOBatch(rollout.input_ids, rollout.attention_mask, mask, rollout.logprobs, rollout.ref_logprobs,
                         rollout.values, advantages, returns, rollout.trunk, rollout.graph)
 
@@ -387,10 +439,10 @@ class PPOTrainer:
         totals: dict[str, list[float]] = defaultdict(list)
         steps, stopped = 0, False
         first, batch = batch, dataclasses.replace(batch, graph=None)
-        reuse = first.graph is not None and cfg.micro_batch_size >= len(first)
+        reuse = first.graph is not None and self.local_micro_batch_size >= len(first)
         for _epoch in range(cfg.ppo_epochs):
             order = torch.randperm(len(batch), generator=self.shuffle_generator)
-            for minibatch in order.split(cfg.minibatch_size):
+            for minibatch in order.split(self.local_minibatch_size):
                 if steps == 0 and reuse:  # the whole batch in one micro-batch, as the rollout scored it
                     stats = self.optimizer_step(first)
                     first.graph = None  # a graph serves one backward only
@@ -416,12 +468,12 @@ class PPOTrainer:
     def optimizer_step(self, minibatch: PPOBatch) -> dict[str, float]:
         """Accumulate gradients over micro-batches, add PPO-ptx, clip, step both optimizers."""
         cfg = self.cfg
-        # Token-level normalisation over the whole minibatch: accumulating k micro-batches
-        # gives exactly the gradient of one pass over the minibatch.
-        num_tokens = minibatch.response_mask.sum().item()
+        # Token-level normalisation over the whole minibatch (every rank's share): accumulating k
+        # micro-batches, then summing over ranks, gives exactly the gradient of one pass over it.
+        num_tokens = distributed.sum_floats([minibatch.response_mask.sum().item()])[0]
         stats: dict[str, float] = defaultdict(float)
         ratio_max = 0.0
-        for micro_index in torch.arange(len(minibatch)).split(cfg.micro_batch_size):
+        for micro_index in torch.arange(len(minibatch)).split(self.local_micro_batch_size):
             micro = select_rows(minibatch, micro_index.to(minibatch.input_ids.device))
             weight = micro.response_mask.sum().item() / num_tokens
             micro_stats = self.micro_step(micro, num_tokens)
@@ -430,7 +482,8 @@ class PPOTrainer:
                     ratio_max = max(ratio_max, value)
                 else:
                     stats[key] += weight * value
-        stats["policy/ratio_max"] = ratio_max
+        stats = dict(zip(stats, distributed.sum_floats(list(stats.values()))))  # token-weighted over all ranks
+        stats["policy/ratio_max"] = distributed.max_float(ratio_max)
         frozen = self.policy_frozen()
         stats["ptx/loss"] = self.ptx_backward() if self.ptx_sampler is not None and not frozen else 0.0
         stats["policy/grad_norm"] = 0.0 if frozen else self._clip_and_step(
@@ -493,11 +546,13 @@ class PPOTrainer:
         logits = self.roles.lm_logits(blocks, mask)
         loss, stats = lm_loss(logits, blocks, mask)
         _check_finite(loss, "ptx loss", self.update)
-        (self.cfg.ptx_coef * loss).backward()
-        return stats["loss"].item()
+        # Each rank's own blocks; the gradients are summed over ranks, so each counts 1/world of the mean.
+        (self.cfg.ptx_coef / self.world * loss).backward()
+        return distributed.sum_floats([stats["loss"].item()])[0] / self.world
 
     def _clip_and_step(self, optimizer, scheduler, name: str) -> float:
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        distributed.sum_gradients(params)  # data parallel: every rank's share of the minibatch
         norm = clip_grad_norm(params, self.cfg.max_grad_norm)
         if not math.isfinite(norm):
             optimizer.zero_grad(set_to_none=True)
@@ -512,37 +567,52 @@ class PPOTrainer:
 
     def rollout_metrics(self, rollout: Rollout, raw_scores: Tensor, rewards: Tensor, kl_reward: Tensor,
                         kl_per_response: float, beta: float, batch: PPOBatch) -> dict[str, float]:
-        mask = rollout.response_mask
-        responses = [ids[m].tolist() for ids, m in zip(rollout.response_ids, mask)]
+        """Metrics of the whole batch: under torchrun, of every rank's rows gathered in batch order."""
+        g = distributed.gather_rows
+        mask, values, returns = g(rollout.response_mask), g(rollout.values), g(batch.returns)
+        scores = g(raw_scores)
+        responses = distributed.gather_lists([ids[m].tolist() for ids, m in zip(rollout.response_ids,
+                                                                                 rollout.response_mask)])
         gold = {}
         if self.gold is not None:
             self._last_gold = self.gold.score(rollout.prompts, rollout.responses, rollout.input_ids,
                                               rollout.attention_mask)
-            gold = {"gold/score": self._last_gold.mean().item()}
+            gold = {"gold/score": g(self._last_gold.float()).mean().item()}
         return {
             **gold,
-            "reward/score": raw_scores.mean().item(),
-            "reward/score_std": raw_scores.std(unbiased=False).item(),
-            "reward/kl_penalty": kl_reward.sum(-1).mean().item(),
-            "reward/total": rewards.sum(-1).mean().item(),
+            **self.engine_gap_metrics(rollout),
+            "reward/score": scores.mean().item(),
+            "reward/score_std": scores.std(unbiased=False).item(),
+            "reward/kl_penalty": g(kl_reward.sum(-1)).mean().item(),
+            "reward/total": g(rewards.sum(-1)).mean().item(),
             "kl/mean": kl_per_response,
             "kl/coef": beta,
-            "value/explained_variance": explained_variance(rollout.values, batch.returns, mask).item(),
-            "value/mean": masked_mean(rollout.values, mask).item(),
-            "returns/mean": masked_mean(batch.returns, mask).item(),
+            "value/explained_variance": explained_variance(values, returns, mask).item(),
+            "value/mean": masked_mean(values, mask).item(),
+            "returns/mean": masked_mean(returns, mask).item(),
             "advantages/mean": self._raw_advantage_mean,
             "response/length": mask.sum(-1).float().mean().item(),
-            "response/eos_rate": rollout.ended.float().mean().item(),
+            "response/eos_rate": g(rollout.ended).float().mean().item(),
             "response/distinct_2": distinct_n(responses, 2),
         }
 
+    def engine_gap_metrics(self, rollout: Rollout) -> dict[str, float]:
+        """How far the generation engine's log-probs are from the trainer's (absent for the built-in sampler)."""
+        if rollout.engine_logprobs is None:
+            return {}
+        total, largest = logprob_gap(rollout.engine_logprobs, rollout.logprobs, rollout.response_mask)
+        total, count = distributed.sum_floats([total.item(), rollout.response_mask.sum().item()])
+        return {"generation/logprob_gap": total / max(count, 1.0),
+                "generation/logprob_gap_max": distributed.max_float(largest.item())}
+
     def after_update(self, rollout: Rollout, raw_scores: Tensor, metrics: dict[str, float]) -> None:
         cfg = self.cfg
-        if self.eval_prompts and (self.update % cfg.eval_every == 0 or self.update == cfg.total_updates):
-            metrics.update(self.evaluate())
+        if self.eval_prompts and self.writes and (self.update % cfg.eval_every == 0 or self.update == cfg.total_updates):
+            metrics.update(self.evaluate())  # rank 0 alone: the held-out prompts are few, nothing to reduce
         if self.tracker is not None:
             self.tracker.log(metrics, self.update)
-        self.say(self.doctor.check(self.update, metrics) + self.doctor.check_phrases(self.update, rollout.responses))
+        responses = distributed.gather_lists(rollout.responses)
+        self.say(self.doctor.check(self.update, metrics) + self.doctor.check_phrases(self.update, responses))
         due = self.update == 1 or self.update == cfg.total_updates or (
             cfg.sample_every and self.update % cfg.sample_every == 0)
         if self.samples is not None and due and cfg.num_samples:
@@ -553,7 +623,7 @@ class PPOTrainer:
 
     def say(self, warnings: list[str]) -> None:
         """The doctor's findings go to the log and to doctor.jsonl, which the report shows."""
-        for warning in warnings:
+        for warning in warnings if self.writes else []:
             log.warning("doctor: %s", warning)
             if self.run_dir is not None:
                 with (self.run_dir / "doctor.jsonl").open("a") as f:
@@ -562,7 +632,7 @@ class PPOTrainer:
     # --- held-out evaluation -------------------------------------------------------
 
     def log_evaluation(self) -> dict[str, float]:
-        metrics = self.evaluate()
+        metrics = self.evaluate() if self.writes else {}
         if self.tracker is not None:
             self.tracker.log(metrics, self.update)
         return metrics
@@ -613,6 +683,7 @@ def _first_non_finite(**tensors: Tensor) -> Optional[tuple[str, int, float]]:
 
 
 def _check_finite(loss: Tensor, what: str, update: int) -> None:
-    if not torch.isfinite(loss):
+    """Raises on every rank when the loss is not finite on any (no rank may go on to the gradient sum alone)."""
+    if distributed.any_rank(not torch.isfinite(loss)):
         raise NonFiniteError(f"non-finite {what} ({loss.item()}) at update {update}; nothing was applied to the "
                              "weights. Lower learning_rate, or check the reward for extreme values.")
