@@ -1,0 +1,118 @@
+"""PPO under torchrun on CPU (gloo): N ranks × batch B/N is the same update as 1 rank × batch B,
+resume under 2 ranks is exact, and rank 0 alone writes the run directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REWARDS
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def torchrun(ranks: int, values: dict) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+                          str(WORKER), json.dumps(values)], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+
+
+def run_values(tiny_dirs, out: Path, **extra) -> dict:
+    values = dict(policy=str(tiny_dirs["gpt2"]), prompts=str(tiny_dirs["prompts"]),
+                  reward_fn=f"{REWARDS}:letter_o_rate", output_dir=str(out), total_updates=2, batch_size=8,
+                  num_minibatches=1, ppo_epochs=2, max_new_tokens=8, learning_rate=1e-3, progress=False, seed=0,
+                  normalize_scores=True, adaptive_kl=True, kl_target=0.5, kl_horizon=10, sample_every=1)
+    values.update(extra)
+    return values
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    final = run / "final"
+    found = {}
+    for path in sorted(final.rglob("*.safetensors")):
+        found.update({f"{path.relative_to(final)}:{k}": v for k, v in load_file(str(path)).items()})
+    assert found, f"no weights under {final}"
+    return found
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+PLACEMENTS = {
+    # full models; one micro-batch: the first step reuses the rollout's graph
+    "separate": dict(placement="separate"),
+    # LoRA on one base; two micro-batches per minibatch: token counts summed over ranks and micro-batches
+    "shared_base": dict(placement="shared_base", lora_rank=4, lora_alpha=8.0, gradient_accumulation_steps=2),
+}
+
+
+@pytest.mark.parametrize("placement", sorted(PLACEMENTS))
+def test_two_ranks_with_half_the_batch_each_make_the_same_update_as_one_rank(tiny_dirs, tmp_path, placement):
+    runs = {}
+    for ranks in (1, 2):
+        runs[ranks] = tmp_path / f"ranks{ranks}"
+        torchrun(ranks, run_values(tiny_dirs, runs[ranks], fixed_responses=True, **PLACEMENTS[placement]))
+    one, two = weights(runs[1]), weights(runs[2])
+    assert one.keys() == two.keys()
+    moved = 0
+    for name in one:
+        assert torch.allclose(one[name], two[name], atol=1e-5, rtol=0), name
+        moved += 1
+    assert moved > 0
+    start = weights_at_start(tiny_dirs, placement)
+    if start is not None:  # the update did something: equality is not two untouched copies
+        assert not torch.equal(start, one[next(k for k in one if k.endswith("wte.weight"))])
+    for m1, m2 in zip(metrics(runs[1]), metrics(runs[2]), strict=True):
+        for key, value in m1.items():
+            if key.startswith("time/"):
+                continue
+            assert m2[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+    assert "generation/logprob_gap" in metrics(runs[2])[0]
+    for run in runs.values():  # the stand-in engine was told about every update (and the start)
+        assert json.loads((run / "syncs.json").read_text()) == {"syncs": 3, "updates": 2}
+
+
+def weights_at_start(tiny_dirs, placement):
+    if placement != "separate":
+        return None
+    return load_file(str(Path(tiny_dirs["gpt2"]) / "model.safetensors"))["transformer.wte.weight"]
+
+
+def test_resume_under_two_ranks_is_exact_and_rank_zero_alone_writes(tiny_dirs, tmp_path):
+    straight, resumed, single = tmp_path / "straight", tmp_path / "resumed", tmp_path / "single"
+    common = dict(total_updates=4, ptx_data=None)
+    torchrun(2, run_values(tiny_dirs, straight, **common))
+    torchrun(2, run_values(tiny_dirs, resumed, save_every=2, stop_after=2, **common))
+    torchrun(2, run_values(tiny_dirs, resumed, save_every=2, resume=True, **common))
+    a, b = weights(straight), weights(resumed)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert [{k: v for k, v in m.items() if not k.startswith("time/")} for m in metrics(straight)] == \
+           [{k: v for k, v in m.items() if not k.startswith("time/")} for m in metrics(resumed)]
+    assert (resumed / "checkpoint-2").is_dir()
+    # Rank 0 alone wrote: one metrics line per update, and the same files as a one-process run.
+    torchrun(1, run_values(tiny_dirs, single, **common))
+    assert len(metrics(straight)) == 4
+    listing = sorted(str(p.relative_to(straight)) for p in straight.rglob("*"))
+    assert listing == sorted(str(p.relative_to(single)) for p in single.rglob("*"))
+
+
+def test_a_batch_that_does_not_split_into_equal_shares_is_refused(tiny_dirs, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(WORKER), json.dumps(run_values(tiny_dirs, tmp_path / "odd", batch_size=5,
+                                                             num_minibatches=1))],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode != 0
+    assert "does not split into 2 equal shares" in out.stderr
+    assert not (tmp_path / "odd").exists()
