@@ -27,7 +27,8 @@ def _run_stage(args: argparse.Namespace) -> int:
     cfg = load_config(cls, args.config, args.overrides)
     module, _, name = runner.partition(":")
     summary = getattr(importlib.import_module(module), name)(cfg)
-    print(f"done: {args.command}; {_headline(summary)}run directory {cfg.output_dir}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, once for the run
+        print(f"done: {args.command}; {_headline(summary)}run directory {cfg.output_dir}")
     return 0
 
 
@@ -143,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     debug = getattr(args, "debug", False) or os.environ.get("TETHER_DEBUG", "") not in ("", "0")
+    from tether import distributed
+
+    if distributed.launched() and os.environ.get("RANK", "0") != "0":
+        logging.getLogger().setLevel(logging.WARNING)  # under torchrun rank 0 speaks for the run
     try:
         return args.run(args)
     except (Exception, KeyboardInterrupt) as err:
@@ -151,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         code, message = failure(err)
         print(f"tether: error: {message}", file=sys.stderr)
         return code
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":
