@@ -88,6 +88,12 @@ PPO_METRICS: tuple[Metric, ...] = (
     Metric("gold/score", "Mean score of the same rollout responses under the gold scorer, which PPO never "
            "optimises directly.", "Rises with `reward/score`. Proxy rising while gold falls is reward-model "
            "over-optimisation (Gao et al. 2022): stop earlier or raise `kl_coef`.", ("gold_reward_fn",)),
+    Metric("generation/logprob_gap", "Mean absolute difference between engine and trainer log-probs of the sampled tokens: what the generation "
+           "engine reported against the trainer's own forward (which PPO uses).", "Near 0 (bf16 engines: ~1e-2). A "
+           "growing gap means the engine samples from another policy than the one trained (stale weights, other "
+           "precision or sampling settings), a known cause of collapse.", ("generation_backend=vllm",)),
+    Metric("generation/logprob_gap_max", "Largest absolute engine − trainer log-prob difference over the batch's tokens.",
+           "Small; single large values point at one token where the two disagree.", ("generation_backend=vllm",)),
     Metric("eval/score", "Mean proxy score on the fixed held-out prompts (logged at update 0, every "
            "`eval_every` updates and at the end).", "Rises.", ("eval_prompts",), _EVAL_ROWS),
     Metric("eval/gold", "Mean gold score on the fixed held-out prompts.", "Rises; the honest measure of progress.",

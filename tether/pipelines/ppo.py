@@ -69,6 +69,9 @@ def start_run(cfg) -> RunStart:
     """Every stage starts the same way: threads, allocator, seeds, and the run directory checked
     and locked (tether/rundir.py). Nothing is written yet: `commit` does that once every check
     has passed. (Validation is the caller's: it must come before this.)"""
+    if distributed.launched() and not distributed.active():
+        raise ConfigError("this stage runs in one process; under torchrun only `tether ppo` is data-parallel so "
+                          "far: run it without torchrun (python -m tether ...)")
     set_threads(cfg.num_threads)
     if getattr(cfg, "release_memory", False):
         return_freed_memory_to_os()
