@@ -27,7 +27,9 @@ def _run_stage(args: argparse.Namespace) -> int:
     cfg = load_config(cls, args.config, args.overrides)
     module, _, name = runner.partition(":")
     summary = getattr(importlib.import_module(module), name)(cfg)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, once for the run
+    from tether import distributed  # torch-heavy: imported only once a stage runs
+
+    if distributed.is_main():  # under torchrun, once for the run
         print(f"done: {args.command}; {_headline(summary)}run directory {cfg.output_dir}")
     return 0
 
@@ -146,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = getattr(args, "debug", False) or os.environ.get("TETHER_DEBUG", "") not in ("", "0")
     from tether import distributed
 
-    if distributed.launched() and os.environ.get("RANK", "0") != "0":
+    if distributed.launched_rank() != 0:
         logging.getLogger().setLevel(logging.WARNING)  # under torchrun rank 0 speaks for the run
     try:
         return args.run(args)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
@@ -46,6 +46,11 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def launched_rank() -> int:
+    """The rank torchrun gave this process, readable before the process group is joined."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def is_main() -> bool:
     return rank() == 0
 
@@ -66,11 +71,10 @@ def rank_seed(seed: int) -> int:
     return seed + rank() * RANK_SEED_STRIDE
 
 
-def share(items: Sequence, of_rank: Optional[int] = None) -> list:
+def share(items: Sequence) -> list:
     """This rank's contiguous share of a global batch (len(items) must divide by the world size)."""
-    r, n = rank() if of_rank is None else of_rank, world_size()
-    size = len(items) // n
-    return list(items[r * size : (r + 1) * size])
+    size = len(items) // world_size()
+    return list(items[rank() * size : (rank() + 1) * size])
 
 
 def all_sum(x: Tensor) -> Tensor:

@@ -12,7 +12,6 @@ After every update the trainer calls `sync_weights`, so the engine samples from 
 
 from __future__ import annotations
 
-import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +19,6 @@ from typing import Any, Optional, Protocol
 
 import torch
 from torch import Tensor
-
-log = logging.getLogger(__name__)
-
 
 @dataclass
 class Generation:

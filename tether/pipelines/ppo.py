@@ -6,6 +6,7 @@ import ctypes
 import logging
 import os
 import sys
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -118,13 +119,11 @@ def join_ranks(cfg) -> None:
     world = distributed.world_size()
     if device.type == "cuda" and cfg.device in ("auto", "cuda"):
         cfg.device = f"cuda:{distributed.local_rank()}"
-    sizes = {"batch_size": cfg.batch_size}
-    if hasattr(cfg, "minibatch_size"):
-        sizes["micro-batch (batch_size / num_minibatches / gradient_accumulation_steps)"] = cfg.micro_batch_size
-    for name, size in sizes.items():
-        if size % world:
-            raise ConfigError(f"{name} = {size} does not split into {world} equal shares, one per rank; make it a "
-                              f"multiple of {world} (torchrun --nproc_per_node)")
+    # The micro-batch is the smallest share: when it splits evenly, so do minibatch and batch.
+    if cfg.micro_batch_size % world:
+        raise ConfigError(f"batch_size = {cfg.batch_size}: its micro-batch of {cfg.micro_batch_size} (batch_size / "
+                          f"num_minibatches / gradient_accumulation_steps) does not split into {world} equal shares, "
+                          f"one per rank; make it a multiple of {world} (torchrun --nproc_per_node)")
 
 
 @contextmanager
@@ -192,8 +191,6 @@ def generation_backend(cfg: PPOConfig):
     if not pick_device(cfg.device).type == "cuda":
         raise ConfigError("generation_backend=vllm runs on CUDA GPUs only; use generation_backend=builtin on "
                           f"device {cfg.device}")
-    import tempfile
-
     scratch = Path(tempfile.mkdtemp(prefix=f"tether-engine-rank{distributed.rank()}-"))  # adapters for the engine
     return VLLMBackend.start(cfg.policy, cfg, scratch, distributed.rank_seed(cfg.seed))
 

@@ -152,7 +152,6 @@ class PPOTrainer:
         self.world = distributed.world_size()
         self.writes = distributed.is_main()  # rank 0 alone writes logs, samples, reports and checkpoints
         # Each rank takes an equal share of every batch, minibatch and micro-batch (checked by the pipeline).
-        self.local_batch_size = cfg.batch_size // self.world
         self.local_minibatch_size = cfg.minibatch_size // self.world
         self.local_micro_batch_size = cfg.micro_batch_size // self.world
         self.run_dir = Path(run_dir) if run_dir else None
