@@ -6,6 +6,9 @@ The JSON holds the PPO config values plus:
   fixed_responses  sample with FixedResponses (responses a function of the prompt alone, so 1 rank
                    and N ranks see the same rollouts whatever each rank's random numbers)
   stop_after       run this many updates, checkpoint, and exit as a crashed run would (no final/)
+
+Rank 0 writes layout.json: how many FSDP2 units the roles hold and which share of the policy's
+trainable weights this rank keeps (1.0 when nothing is sharded).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tether import distributed  # noqa: E402
+from tether import distributed, sharding  # noqa: E402
 from tether.config import PPOConfig, config_from_dict  # noqa: E402
 from tether.generation import Generation  # noqa: E402
 from tether.pipelines.ppo import build_ppo_trainer  # noqa: E402
@@ -57,6 +60,13 @@ class FixedResponses:
         self.syncs += 1
 
 
+def layout(trainer) -> dict:
+    modules = [m for m in vars(trainer.roles).values() if isinstance(m, torch.nn.Module)]
+    params = trainer.roles.trainable("policy")
+    local = sum((p.to_local() if sharding.is_dtensor(p) else p).numel() for p in params)
+    return {"units": len(sharding.units(*modules)), "local_share": local / sum(p.numel() for p in params)}
+
+
 def main() -> None:
     values = json.loads(sys.argv[1])
     fixed = values.pop("fixed_responses", False)
@@ -64,6 +74,8 @@ def main() -> None:
     cfg = config_from_dict(PPOConfig, values)
     backend = FixedResponses() if fixed else None
     trainer = build_ppo_trainer(cfg, generation=backend)
+    if distributed.is_main():
+        (Path(cfg.output_dir) / "layout.json").write_text(json.dumps(layout(trainer)))
     if stop_after is None:
         trainer.train()
     else:

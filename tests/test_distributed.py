@@ -23,7 +23,8 @@ def torchrun(ranks: int, values: dict) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
                           str(WORKER), json.dumps(values)], capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0, out.stderr[-4000:]
+    first = max(out.stderr.find("Traceback"), 0)  # a rank's own error, before torchrun's summary
+    assert out.returncode == 0, out.stderr[first : first + 4000] + "\n...\n" + out.stderr[-1500:]
 
 
 def run_values(tiny_dirs, out: Path, **extra) -> dict:
@@ -58,26 +59,30 @@ PLACEMENTS = {
 
 @pytest.mark.parametrize("placement", sorted(PLACEMENTS))
 def test_two_ranks_with_half_the_batch_each_make_the_same_update_as_one_rank(tiny_dirs, tmp_path, placement):
+    """For data parallelism (whole models) and FSDP2 (sharded blocks, frozen roles sharded too)."""
     runs = {}
-    for ranks in (1, 2):
-        runs[ranks] = tmp_path / f"ranks{ranks}"
-        torchrun(ranks, run_values(tiny_dirs, runs[ranks], fixed_responses=True, **PLACEMENTS[placement]))
-    one, two = weights(runs[1]), weights(runs[2])
-    assert one.keys() == two.keys()
-    moved = 0
-    for name in one:
-        assert torch.allclose(one[name], two[name], atol=1e-5, rtol=0), name
-        moved += 1
-    assert moved > 0
+    for name, ranks, extra in (("one", 1, {}), ("ddp", 2, {"data_parallel": "ddp"}),
+                               ("fsdp2", 2, {"data_parallel": "fsdp2", "fsdp_frozen": "shard"})):
+        runs[name] = tmp_path / name
+        torchrun(ranks, run_values(tiny_dirs, runs[name], fixed_responses=True, **PLACEMENTS[placement], **extra))
+    layout = {name: json.loads((run / "layout.json").read_text()) for name, run in runs.items()}
+    assert layout["one"] == layout["ddp"] == {"units": 0, "local_share": 1.0}
+    assert layout["fsdp2"]["units"] > 0 and layout["fsdp2"]["local_share"] < 0.6  # really sharded
+    one = weights(runs["one"])
     start = weights_at_start(tiny_dirs, placement)
     if start is not None:  # the update did something: equality is not two untouched copies
         assert not torch.equal(start, one[next(k for k in one if k.endswith("wte.weight"))])
-    for m1, m2 in zip(metrics(runs[1]), metrics(runs[2]), strict=True):
-        for key, value in m1.items():
-            if key.startswith("time/"):
-                continue
-            assert m2[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
-    assert "generation/logprob_gap" in metrics(runs[2])[0]
+    for name in ("ddp", "fsdp2"):
+        two = weights(runs[name])
+        assert one.keys() == two.keys(), name
+        for key in one:
+            assert torch.allclose(one[key], two[key], atol=1e-5, rtol=0), (name, key)
+        for m1, m2 in zip(metrics(runs["one"]), metrics(runs[name]), strict=True):
+            for key, value in m1.items():
+                if key.startswith("time/"):
+                    continue
+                assert m2[key] == pytest.approx(value, rel=1e-4, abs=1e-5), (name, key)
+        assert "generation/logprob_gap" in metrics(runs[name])[0]
     for run in runs.values():  # the stand-in engine was told about every update (and the start)
         assert json.loads((run / "syncs.json").read_text()) == {"syncs": 3, "updates": 2}
 
@@ -88,9 +93,11 @@ def weights_at_start(tiny_dirs, placement):
     return load_file(str(Path(tiny_dirs["gpt2"]) / "model.safetensors"))["transformer.wte.weight"]
 
 
-def test_resume_under_two_ranks_is_exact_and_rank_zero_alone_writes(tiny_dirs, tmp_path):
+@pytest.mark.parametrize("data_parallel", ["ddp", "fsdp2"])
+def test_resume_under_two_ranks_is_exact_and_rank_zero_alone_writes(tiny_dirs, tmp_path, data_parallel):
+    """The built-in sampler (under FSDP2 from gathered weights), gathered checkpoints, exact resume."""
     straight, resumed, single = tmp_path / "straight", tmp_path / "resumed", tmp_path / "single"
-    common = dict(total_updates=4, ptx_data=None)
+    common = dict(total_updates=4, ptx_data=None, data_parallel=data_parallel, fsdp_frozen="replicate")
     torchrun(2, run_values(tiny_dirs, straight, **common))
     torchrun(2, run_values(tiny_dirs, resumed, save_every=2, stop_after=2, **common))
     torchrun(2, run_values(tiny_dirs, resumed, save_every=2, resume=True, **common))
@@ -101,8 +108,10 @@ def test_resume_under_two_ranks_is_exact_and_rank_zero_alone_writes(tiny_dirs, t
            [{k: v for k, v in m.items() if not k.startswith("time/")} for m in metrics(resumed)]
     assert (resumed / "checkpoint-2").is_dir()
     # Rank 0 alone wrote: one metrics line per update, and the same files as a one-process run.
-    torchrun(1, run_values(tiny_dirs, single, **common))
     assert len(metrics(straight)) == 4
+    if data_parallel == "fsdp2":  # the listing below is the same code path for both
+        return
+    torchrun(1, run_values(tiny_dirs, single, **common))
     listing = sorted(str(p.relative_to(straight)) for p in straight.rglob("*"))
     assert listing == sorted(str(p.relative_to(single)) for p in single.rglob("*"))
 

@@ -78,6 +78,8 @@ class PPOConfig:
     stop_strings: list[str] = opt([], "Extra strings that end a response (EOS always does).")
     generation_backend: Literal["builtin", "vllm"] = opt("builtin", "Who samples: 'builtin' (tether's batched sampler, any device) or 'vllm' (a vLLM engine colocated on each rank's GPU, `pip install 'tether[vllm]'`; weights or the policy adapter pushed after every update; log-probs for PPO are still the trainer's, the gap is logged as generation/logprob_gap).")
     vllm_gpu_memory_utilization: float = opt(0.3, "Share of each GPU's memory the vLLM engine may take (generation_backend=vllm); the rest is training's.")
+    data_parallel: Literal["ddp", "fsdp2"] = opt("ddp", "Under torchrun: 'ddp' (every rank holds whole models, gradients summed over ranks) or 'fsdp2' (torch FSDP2 `fully_shard`: every transformer block of the trained roles sharded over the ranks, gathered for each forward; see docs/scaling.md). One process: ignored.")
+    fsdp_frozen: Literal["shard", "replicate"] = opt("shard", "data_parallel=fsdp2: the frozen roles (reference, reward model) sharded like the trained ones, or a whole copy on every rank (more memory, no gathers when scoring).")
 
     # --- batch sizes --------------------------------------------------------
     batch_size: int = opt(16, "Prompts (rollouts) per PPO update.")

@@ -155,10 +155,14 @@ def broadcast_parameters(params: Sequence[torch.nn.Parameter], src: int = 0) -> 
 
 
 def sum_gradients(params: Sequence[torch.nn.Parameter], bucket_elements: int = 1 << 23) -> None:
-    """Sum every rank's gradients in place, in flat buckets (few, large messages, as DDP's buckets)."""
+    """Sum every rank's gradients in place, in flat buckets (few, large messages, as DDP's buckets).
+    Gradients of FSDP2 shards (DTensor) are skipped: their reduce-scatter already summed them."""
     if not active():
         return
-    for bucket in _buckets([p.grad for p in params if p.grad is not None], bucket_elements):
+    from torch.distributed.tensor import DTensor
+
+    whole = [p.grad for p in params if p.grad is not None and not isinstance(p.grad, DTensor)]
+    for bucket in _buckets(whole, bucket_elements):
         flat = torch.cat([g.reshape(-1) for g in bucket])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         offset = 0

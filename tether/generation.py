@@ -92,7 +92,10 @@ class VLLMBackend:
         if hasattr(roles, "policy_adapter"):
             self._sync_adapter(roles)
         else:
-            engine_model(self.engine).load_weights(roles.policy.state_dict().items())
+            from tether.sharding import whole_state
+
+            weights = whole_state(roles.policy) or roles.policy.state_dict()  # FSDP2: the engine takes whole tensors
+            engine_model(self.engine).load_weights(weights.items())
 
     def _sync_adapter(self, roles) -> None:
         from vllm.lora.request import LoRARequest

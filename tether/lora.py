@@ -137,12 +137,14 @@ def adapter_layers(peft_model, adapter: str) -> Optional[list[int]]:
     return [layers] if isinstance(layers, int) else (list(layers) if layers is not None else None)
 
 
-def save_adapter(peft_model, adapter: str, path) -> None:
-    """One adapter in peft format directly in `path` (peft puts non-default adapters in a subfolder)."""
+def save_adapter(peft_model, adapter: str, path, state_dict: Optional[dict] = None) -> None:
+    """One adapter in peft format directly in `path` (peft puts non-default adapters in a subfolder).
+    `state_dict`: the weights to write instead of the model's own (gathered from FSDP2 shards)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    extra = {"state_dict": state_dict} if state_dict is not None else {}
     with tempfile.TemporaryDirectory(dir=path) as tmp:
-        peft_model.save_pretrained(tmp, selected_adapters=[adapter])
+        peft_model.save_pretrained(tmp, selected_adapters=[adapter], **extra)
         source = Path(tmp) / adapter if adapter != "default" else Path(tmp)
         for file in source.iterdir():
             if file.is_file():

@@ -259,12 +259,17 @@ class ValueModel(nn.Module):
         hidden = last_hidden_state(self.backbone, input_ids, attention_mask)
         return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
 
-    def save_pretrained(self, path: str | Path) -> None:
+    def save_pretrained(self, path: str | Path, state_dict: Optional[dict[str, Tensor]] = None) -> None:
+        """Backbone in transformers format, value head beside it. `state_dict`: this module's
+        weights to write instead of its own (whole tensors gathered from FSDP2 shards)."""
         from safetensors.torch import save_file
 
         path = Path(path)
-        self.backbone.save_pretrained(path)
-        head = {k: v.detach().contiguous().cpu() for k, v in self.value_head.state_dict().items()}
+        own = state_dict if state_dict is not None else self.state_dict()
+        backbone = {k[len("backbone."):]: v for k, v in own.items() if k.startswith("backbone.")}
+        self.backbone.save_pretrained(path, state_dict=backbone if state_dict is not None else None)
+        head = {k[len("value_head."):]: v.detach().contiguous().cpu() for k, v in own.items()
+                if k.startswith("value_head.")}
         save_file(head, str(path / VALUE_HEAD_FILE))
 
     def gradient_checkpointing_enable(self) -> None:

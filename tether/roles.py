@@ -93,7 +93,13 @@ class Roles(Protocol):
 
     def eval(self) -> None: ...
 
-    def save(self, path: Path, tokenizer, state: Optional[dict] = None, tensors: Optional[dict] = None) -> Path: ...
+    def shard(self, frozen: bool) -> None:
+        """FSDP2 (tether/sharding.py): shard the trained roles' blocks over the ranks, and with
+        `frozen` the frozen roles' too. Call before any optimizer is built on `trainable`."""
+
+    def save(self, path: Path, tokenizer, state: Optional[dict] = None, tensors: Optional[dict] = None,
+             write: bool = True) -> Path:
+        """Every rank calls it (FSDP2 gathers the shards); only with `write` is anything written."""
 
     def load(self, path: Path) -> None:
         """The trained weights (policy, critic) from a directory `save` wrote."""
@@ -127,8 +133,10 @@ class SeparateRoles:
 
     def sample(self, prompt_ids, prompt_mask, settings, tokenizer):
         from tether.rollout import sample_responses
+        from tether.sharding import whole_weights
 
-        return sample_responses(self.policy, prompt_ids, prompt_mask, settings, tokenizer)
+        with whole_weights(self.policy):  # a sharded policy gathers once per rollout, not once per token
+            return sample_responses(self.policy, prompt_ids, prompt_mask, settings, tokenizer)
 
     @torch.no_grad()
     def score(self, input_ids, attention_mask, response_length, settings, prompts, responses,
@@ -174,9 +182,24 @@ class SeparateRoles:
         self.policy.eval()
         self.critic.eval()
 
-    def save(self, path, tokenizer, state=None, tensors=None) -> Path:
+    def shard(self, frozen: bool) -> None:
+        from tether.sharding import shard
+
+        shard(self.policy)
+        shard(self.critic)
+        if frozen:
+            shard(self.reference)
+            if isinstance(getattr(self.reward, "model", None), nn.Module):
+                shard(self.reward.model)
+
+    def save(self, path, tokenizer, state=None, tensors=None, write=True) -> Path:
         """Policy in plain transformers format at `path`, the critic in `path/critic`."""
-        return save_checkpoint(path, self.policy, tokenizer, self.critic, state, tensors)
+        from tether.sharding import whole_state
+
+        policy, critic = whole_state(self.policy), whole_state(self.critic)  # None unless sharded
+        if write:
+            save_checkpoint(path, _Writer(self.policy, policy), tokenizer, _Writer(self.critic, critic), state, tensors)
+        return Path(path)
 
     def load(self, path) -> None:
         """Policy and critic (backbone and value head) from a directory `save` wrote, exactly."""
@@ -222,12 +245,16 @@ class SharedBaseRoles:
             reward_head.requires_grad_(False)
         # peft's set_adapter marks the active adapter trainable and the others frozen; which role
         # trains is ours to decide: policy and critic adapters, never the base or the reward adapter.
+        self._index_parameters()
+
+    def _index_parameters(self) -> None:
+        """Which parameters train, by identity (sharding replaces every parameter object)."""
         self._trainable = {}
-        for name, p in model.named_parameters():
+        for name, p in self.model.named_parameters():
             trains = "lora_" in name and (".policy." in name or ".critic." in name)
             p.requires_grad_(trains)
             self._trainable[id(p)] = trains
-        self._params = list(model.parameters())
+        self._params = list(self.model.parameters())
 
     # --- switching roles ---
 
@@ -263,7 +290,9 @@ class SharedBaseRoles:
     def sample(self, prompt_ids, prompt_mask, settings, tokenizer):
         from tether.rollout import sample_responses
 
-        with self.role("policy"):
+        from tether.sharding import whole_weights
+
+        with self.role("policy"), whole_weights(self.causal_lm):
             return sample_responses(self.causal_lm, prompt_ids, prompt_mask, settings, tokenizer)
 
     @torch.no_grad()
@@ -340,17 +369,36 @@ class SharedBaseRoles:
         self.model.eval()
         self.value_head.eval()
 
-    def save(self, path, tokenizer, state=None, tensors=None) -> Path:
+    def shard(self, frozen: bool) -> None:
+        """The base's blocks (LoRA weights inside them included); embeddings, final norm and head stay
+        whole: the trunk and the critic reach into the base past its outer module (tether/sharding.py)."""
+        from tether.sharding import shard
+
+        shard(self.causal_lm, root=False)
+        if frozen and isinstance(getattr(self.reward, "model", None), nn.Module):
+            shard(self.reward.model)
+        self._index_parameters()
+
+    def save(self, path, tokenizer, state=None, tensors=None, write=True) -> Path:
         """The policy adapter (peft format) + tokenizer at `path`; the critic adapter and value head in
         `path/critic`. `tether export` merges the policy adapter into a plain transformers model."""
-        return save_checkpoint(path, _AdapterWriter(self, "policy"), tokenizer, _AdapterWriter(self, "critic"),
-                               state, tensors)
+        policy, critic = self._adapter_state("policy"), self._adapter_state("critic")
+        if write:
+            save_checkpoint(path, _AdapterWriter(self, "policy", policy), tokenizer,
+                            _AdapterWriter(self, "critic", critic), state, tensors)
+        return Path(path)
+
+    def _adapter_state(self, adapter: str) -> Optional[dict]:
+        """One adapter's weights gathered whole when sharded (every rank), else None."""
+        from tether.sharding import whole_state
+
+        return whole_state(self.model, keep=lambda name: "lora_" in name and f".{adapter}." in name)
 
     def policy_adapter(self, path) -> Path:
         """Only the policy adapter, in peft format, at `path` (what a generation engine on the same base needs)."""
         from tether.lora import save_adapter
 
-        save_adapter(self.model, "policy", path)
+        save_adapter(self.model, "policy", path, self._adapter_state("policy"))
         return Path(path)
 
     def load(self, path) -> None:
@@ -368,15 +416,28 @@ class SharedBaseRoles:
 class _AdapterWriter:
     """What save_checkpoint calls `save_pretrained` on: one adapter (+ the value head for the critic)."""
 
-    def __init__(self, roles: SharedBaseRoles, adapter: str):
-        self.roles, self.adapter = roles, adapter
+    def __init__(self, roles: SharedBaseRoles, adapter: str, state: Optional[dict] = None):
+        self.roles, self.adapter, self.state = roles, adapter, state
 
     def save_pretrained(self, path, **_kwargs) -> None:
         from safetensors.torch import save_file
 
         from tether.lora import save_adapter
 
-        save_adapter(self.roles.model, self.adapter, path)
+        save_adapter(self.roles.model, self.adapter, path, self.state)
         if self.adapter == "critic":
             head = {k: v.detach().contiguous().cpu() for k, v in self.roles.value_head.state_dict().items()}
             save_file(head, str(Path(path) / VALUE_HEAD_FILE))
+
+
+class _Writer:
+    """What save_checkpoint calls `save_pretrained` on: a model, with its weights gathered whole
+    from FSDP2 shards when `state` is given."""
+
+    def __init__(self, model: nn.Module, state: Optional[dict] = None):
+        self.model, self.state = model, state
+
+    def save_pretrained(self, path, **kwargs) -> None:
+        if self.state is not None:
+            kwargs["state_dict"] = self.state
+        self.model.save_pretrained(path, **kwargs)

@@ -164,14 +164,20 @@ def _build_ppo_trainer(cfg: PPOConfig, start: RunStart, generation=None) -> PPOT
     roles = build_roles(cfg, tokenizer, dtype, device, reward_fn)
     gold = load_reward_fn(cfg.gold_reward_fn) if cfg.gold_reward_fn else None
     eval_prompts = load_prompts(cfg, tokenizer, cfg.eval_prompts)[: cfg.eval_max_prompts] if cfg.eval_prompts else None
+    if start.checkpoint is not None:
+        roles.load(start.checkpoint)  # before any sharding: whole tensors into whole models
     if distributed.active():  # identical starting weights; then each rank samples its own random numbers
         distributed.broadcast_parameters(roles.trainable("policy") + roles.trainable("critic"))
         seed_everything(distributed.rank_seed(cfg.seed))
+        if cfg.data_parallel == "fsdp2":
+            roles.shard(frozen=cfg.fsdp_frozen == "shard")
+            log.info("FSDP2: transformer blocks sharded over %d ranks (frozen roles %s)", distributed.world_size(),
+                     "sharded" if cfg.fsdp_frozen == "shard" else "whole on every rank")
     generation = generation or generation_backend(cfg)
     trainer = PPOTrainer(cfg, roles, tokenizer, prompts, ptx_blocks=ptx_blocks, run_dir=start.path, device=device,
                          gold=gold, eval_prompts=eval_prompts, generation=generation)
     if start.checkpoint is not None:
-        trainer.load_state(start.checkpoint)
+        trainer.load_state(start.checkpoint, weights=False)
         log.info("resuming %s from %s (update %d of %d)", start.path, start.checkpoint, trainer.update,
                  cfg.total_updates)
     trainer.generation.sync_weights(roles)  # an engine starts from the policy as it is now (resumed or not)

@@ -56,6 +56,7 @@ from tether.generation import BuiltinSampler, GenerationBackend, logprob_gap
 from tether.models import eos_token_ids
 from tether.roles import Roles
 from tether.rollout import GenerationSettings, Rollout, collect_rollout, select_rows
+from tether.sharding import full_optimizer_state, local_optimizer_state
 from tether.tracking import SampleWriter, Tracker
 from tether.trainers import adamw, clip_grad_norm
 
@@ -270,8 +271,8 @@ class PPOTrainer:
                  **rng, "doctor": self.doctor.state_dict(), "first_eval": self.first_eval,
                  "skipped": [self.skipped_updates, self.skipped_in_a_row, self.first_skip_reason],
                  "world_size": self.world}
-        tensors = {"policy_optimizer": self.policy_optimizer.state_dict(),
-                   "critic_optimizer": self.critic_optimizer.state_dict(),
+        tensors = {"policy_optimizer": full_optimizer_state(self.policy_optimizer.state_dict()),
+                   "critic_optimizer": full_optimizer_state(self.critic_optimizer.state_dict()),
                    "policy_scheduler": self.policy_scheduler.state_dict(),
                    "critic_scheduler": self.critic_scheduler.state_dict(),
                    "shuffle_rng": self.shuffle_generator.get_state(), **rng_tensors}
@@ -279,19 +280,21 @@ class PPOTrainer:
             state["ranks"] = [{"rng": r["rng"], "ptx_sampler": r["ptx_sampler"]} for r in per_rank]
             for index, r in enumerate(per_rank):
                 tensors.update({f"rank{index}/{k}": v for k, v in r["rng_tensors"].items()})
-        if self.writes:
-            self.roles.save(path, self.tokenizer, state, tensors)
+        # FSDP2 shards are gathered on every rank; rank 0 writes them whole (the one-process format).
+        self.roles.save(path, self.tokenizer, state, tensors, write=self.writes)
         distributed.barrier()  # nobody reads or prunes checkpoints before rank 0 has written this one
         return path
 
-    def load_state(self, path: Path) -> None:
+    def load_state(self, path: Path, weights: bool = True) -> None:
         """Continue from a checkpoint `save` wrote: weights, optimizers, schedulers, controllers, data
-        position, RNG streams, the doctor's memory and the update counter."""
+        position, RNG streams, the doctor's memory and the update counter. weights=False: the roles
+        already hold the checkpoint's weights (loaded before sharding, tether/pipelines/ppo.py)."""
         path = Path(path)
         state, tensors = read_trainer_state(path)
-        self.roles.load(path)
-        self.policy_optimizer.load_state_dict(tensors["policy_optimizer"])
-        self.critic_optimizer.load_state_dict(tensors["critic_optimizer"])
+        if weights:
+            self.roles.load(path)
+        for optimizer, key in ((self.policy_optimizer, "policy_optimizer"), (self.critic_optimizer, "critic_optimizer")):
+            optimizer.load_state_dict(local_optimizer_state(optimizer, tensors[key]))
         self.policy_scheduler.load_state_dict(tensors["policy_scheduler"])
         self.critic_scheduler.load_state_dict(tensors["critic_scheduler"])
         saved_world = state.get("world_size", 1)
@@ -551,7 +554,7 @@ class PPOTrainer:
 
     def _clip_and_step(self, optimizer, scheduler, name: str) -> float:
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        distributed.sum_gradients(params)  # data parallel: every rank's share of the minibatch
+        distributed.sum_gradients(params)  # data parallel: every rank's share (FSDP2 shards: summed in backward)
         norm = clip_grad_norm(params, self.cfg.max_grad_norm)
         if not math.isfinite(norm):
             optimizer.zero_grad(set_to_none=True)
@@ -606,8 +609,11 @@ class PPOTrainer:
 
     def after_update(self, rollout: Rollout, raw_scores: Tensor, metrics: dict[str, float]) -> None:
         cfg = self.cfg
-        if self.eval_prompts and self.writes and (self.update % cfg.eval_every == 0 or self.update == cfg.total_updates):
-            metrics.update(self.evaluate())  # rank 0 alone: the held-out prompts are few, nothing to reduce
+        if self.eval_prompts and (self.update % cfg.eval_every == 0 or self.update == cfg.total_updates):
+            # Every rank evaluates the same prompts with the same random numbers (a sharded model
+            # needs every rank in each forward); rank 0 logs and writes.
+            evaluation = self.evaluate()
+            metrics.update(evaluation if self.writes else {})
         if self.tracker is not None:
             self.tracker.log(metrics, self.update)
         responses = distributed.gather_lists(rollout.responses)
@@ -631,7 +637,7 @@ class PPOTrainer:
     # --- held-out evaluation -------------------------------------------------------
 
     def log_evaluation(self) -> dict[str, float]:
-        metrics = self.evaluate() if self.writes else {}
+        metrics = self.evaluate()
         if self.tracker is not None:
             self.tracker.log(metrics, self.update)
         return metrics
