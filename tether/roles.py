@@ -190,7 +190,7 @@ class SeparateRoles:
         if frozen:
             shard(self.reference)
             if isinstance(getattr(self.reward, "model", None), nn.Module):
-                shard(self.reward.model)
+                shard(self.reward.model, root=False)  # scored through its inner transformer, past the outer hooks
 
     def save(self, path, tokenizer, state=None, tensors=None, write=True) -> Path:
         """Policy in plain transformers format at `path`, the critic in `path/critic`."""
@@ -376,7 +376,7 @@ class SharedBaseRoles:
 
         shard(self.causal_lm, root=False)
         if frozen and isinstance(getattr(self.reward, "model", None), nn.Module):
-            shard(self.reward.model)
+            shard(self.reward.model, root=False)
         self._index_parameters()
 
     def save(self, path, tokenizer, state=None, tensors=None, write=True) -> Path:

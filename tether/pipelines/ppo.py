@@ -71,8 +71,8 @@ def start_run(cfg) -> RunStart:
     and locked (tether/rundir.py). Nothing is written yet: `commit` does that once every check
     has passed. (Validation is the caller's: it must come before this.)"""
     if distributed.launched() and not distributed.active():
-        raise ConfigError("this stage runs in one process; under torchrun only `tether ppo` is data-parallel so "
-                          "far: run it without torchrun (python -m tether ...)")
+        raise ConfigError("this stage runs in one process; under torchrun `tether ppo` and `tether sft` are "
+                          "data-parallel: run it without torchrun (python -m tether ...)")
     set_threads(cfg.num_threads)
     if getattr(cfg, "release_memory", False):
         return_freed_memory_to_os()
@@ -112,7 +112,8 @@ def commit(start: RunStart, cfg, resumed_step: Optional[int] = None) -> Path:
 
 
 def join_ranks(cfg) -> None:
-    """Under torchrun: join the process group and check every batch divides into equal shares."""
+    """Under torchrun: join the process group and check every batch divides into equal shares
+    (any stage's config with device, batch_size and micro_batch_size)."""
     device = pick_device(cfg.device)
     if not distributed.init(device.type):
         return
@@ -121,8 +122,9 @@ def join_ranks(cfg) -> None:
         cfg.device = f"cuda:{distributed.local_rank()}"
     # The micro-batch is the smallest share: when it splits evenly, so do minibatch and batch.
     if cfg.micro_batch_size % world:
+        per = "num_minibatches / " if hasattr(cfg, "num_minibatches") else ""
         raise ConfigError(f"batch_size = {cfg.batch_size}: its micro-batch of {cfg.micro_batch_size} (batch_size / "
-                          f"num_minibatches / gradient_accumulation_steps) does not split into {world} equal shares, "
+                          f"{per}gradient_accumulation_steps) does not split into {world} equal shares, "
                           f"one per rank; make it a multiple of {world} (torchrun --nproc_per_node)")
 
 

@@ -7,13 +7,14 @@ import logging
 import random
 from pathlib import Path
 
-from tether.checkpoint import load_weights, read_trainer_state, save_checkpoint
+from tether import distributed
+from tether.checkpoint import load_weights, read_trainer_state, save_checkpoint, seed_everything
 from tether.config import SFTConfig
 from tether.data import DataError, load_records, load_texts, pack_texts
 from tether.config import lora_settings
 from tether.lora import add_lora, require_full_model
 from tether.models import load_causal_lm, load_tokenizer, pick_device, torch_dtype
-from tether.pipelines.ppo import commit, locked, start_run
+from tether.pipelines.ppo import commit, join_ranks, locked, start_run
 from tether.rundir import prune_checkpoints
 from tether.tiny import tiny_config, train_tokenizer
 from tether.tracking import JsonlSink
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 
 def run_sft(cfg: SFTConfig) -> dict[str, float]:
     cfg.validate()
+    join_ranks(cfg)
     with locked(start_run(cfg)) as start:
         return _run_sft(cfg, start)
 
@@ -33,8 +35,10 @@ def _run_sft(cfg: SFTConfig, start) -> dict[str, float]:
 
     raw = raw_documents(cfg.data, cfg.text_field)
     # A resumed run whose tokenizer was trained on the data reads it back rather than retraining it.
-    tokenizer = load_tokenizer(str(start.checkpoint)) if start.checkpoint is not None and cfg.init == "scratch" \
-        and not cfg.tokenizer else sft_tokenizer(cfg, raw)
+    if start.checkpoint is not None and cfg.init == "scratch" and not cfg.tokenizer:
+        tokenizer = load_tokenizer(str(start.checkpoint))
+    else:  # under torchrun rank 0 builds it (perhaps training it on the data) and hands it on
+        tokenizer = distributed.broadcast_object(sft_tokenizer(cfg, raw) if distributed.is_main() else None)
     train_docs, eval_docs = split_documents(cfg, render_documents(raw, tokenizer))
     train_blocks = pack_texts(train_docs, tokenizer, cfg.block_size)
     eval_blocks = pack_texts(eval_docs, tokenizer, cfg.block_size) if eval_docs else None
@@ -48,25 +52,36 @@ def _run_sft(cfg: SFTConfig, start) -> dict[str, float]:
     log.info("model: %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
 
     def save(trainer: SFTTrainer) -> None:
-        state, tensors = trainer.state()
-        save_checkpoint(run_dir / f"checkpoint-{trainer.step_count}", model, tokenizer, state=state, tensors=tensors)
-        prune_checkpoints(run_dir, cfg.keep_checkpoints)
+        state, tensors = trainer.state()  # every rank: their random streams are gathered
+        if distributed.is_main():
+            save_checkpoint(run_dir / f"checkpoint-{trainer.step_count}", model, tokenizer, state=state,
+                            tensors=tensors)
+            prune_checkpoints(run_dir, cfg.keep_checkpoints)
+        distributed.barrier()
 
-    trainer = SFTTrainer(cfg, model, train_blocks, eval_blocks, None, device, save=save)
     if start.checkpoint is not None:
         load_trained_weights(model, start.checkpoint)
+    if distributed.active():  # identical starting weights; then each rank draws its own dropout
+        distributed.broadcast_parameters([p for p in model.parameters() if p.requires_grad])
+        seed_everything(distributed.rank_seed(cfg.seed))
+    trainer = SFTTrainer(cfg, model, train_blocks, eval_blocks, None, device, save=save)
+    if start.checkpoint is not None:
         trainer.load_state(*read_trainer_state(start.checkpoint))
         log.info("resuming %s from %s (step %d of %d)", start.path, start.checkpoint, trainer.step_count,
                  cfg.max_steps)
     run_dir = commit(start, cfg, trainer.step_count if start.checkpoint is not None else None)
-    trainer.sink = sink = JsonlSink(run_dir / "metrics.jsonl")
+    sink = JsonlSink(run_dir / "metrics.jsonl") if distributed.is_main() else None  # rank 0 alone writes
+    trainer.sink = sink
     try:
         summary = trainer.train()
     finally:
-        sink.close()
-    save_checkpoint(run_dir / "final", model, tokenizer)
+        if sink is not None:
+            sink.close()
     summary["train/blocks"] = float(len(train_blocks))
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if distributed.is_main():
+        save_checkpoint(run_dir / "final", model, tokenizer)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    distributed.barrier()
     return summary
 
 

@@ -13,8 +13,9 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from tether import distributed
 from tether.algo import lm_loss
-from tether.checkpoint import rng_state, set_rng_state
+from tether.checkpoint import rng_state, seed_everything, set_rng_state
 from tether.config import SFTConfig
 from tether.data import BlockSampler
 from tether.models import position_ids_from_mask
@@ -47,7 +48,11 @@ def evaluate_lm(model: nn.Module, blocks: Tensor, batch_size: int = 32) -> dict[
 
 
 class SFTTrainer:
-    """Handed a model and packed blocks; owns the optimizer, schedule and step counter."""
+    """Handed a model and packed blocks; owns the optimizer, schedule and step counter.
+
+    Under torchrun every rank draws the same global batch of blocks and trains on its contiguous
+    share; the loss is normalised by the global token count and the gradients are summed over ranks,
+    so N ranks make the update one process makes on the whole batch."""
 
     def __init__(self, cfg: SFTConfig, model: nn.Module, train_blocks: Tensor, eval_blocks: Optional[Tensor],
                  sink: Optional[JsonlSink] = None, device: torch.device = torch.device("cpu"),
@@ -69,11 +74,11 @@ class SFTTrainer:
         start = time.perf_counter()
         self.model.train()
         metrics: dict[str, float] = {}
-        with tqdm(total=cfg.max_steps, initial=self.step_count, desc="sft", unit="step", disable=not cfg.progress,
-                  dynamic_ncols=True) as bar:
+        with tqdm(total=cfg.max_steps, initial=self.step_count, desc="sft", unit="step",
+                  disable=not cfg.progress or not distributed.is_main(), dynamic_ncols=True) as bar:
             while self.step_count < cfg.max_steps:
-                if cfg.max_seconds is not None and time.perf_counter() - start > cfg.max_seconds:
-                    break
+                if cfg.max_seconds is not None and distributed.any_rank(time.perf_counter() - start > cfg.max_seconds):
+                    break  # every rank stops at the same step
                 metrics = self.step()
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
@@ -90,17 +95,21 @@ class SFTTrainer:
 
     def step(self) -> dict[str, float]:
         cfg = self.cfg
-        blocks = self.sampler.next_batch(cfg.batch_size).to(self.device)
-        num_tokens = blocks.shape[0] * (blocks.shape[1] - 1)  # token-level normalisation: exact accumulation
+        every = self.sampler.next_batch(cfg.batch_size)
+        num_tokens = every.shape[0] * (every.shape[1] - 1)  # token-level, whole batch: exact accumulation
+        blocks = every[distributed.share(range(len(every)))].to(self.device)  # this rank's share
         total = 0.0
-        for micro in blocks.split(cfg.micro_batch_size):
+        for micro in blocks.split(cfg.micro_batch_size // distributed.world_size()):
             loss, _ = block_loss(self.model, micro, num_tokens=num_tokens)
-            if not torch.isfinite(loss):
+            if distributed.any_rank(not torch.isfinite(loss)):
                 self.optimizer.zero_grad(set_to_none=True)
                 raise NonFiniteError(f"non-finite SFT loss at step {self.step_count}; lower learning_rate")
             loss.backward()
             total += loss.item()
-        norm = clip_grad_norm([p for p in self.model.parameters() if p.grad is not None], cfg.max_grad_norm)
+        total = distributed.sum_floats([total])[0]
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        distributed.sum_gradients(params)
+        norm = clip_grad_norm(params, cfg.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -109,17 +118,16 @@ class SFTTrainer:
 
     def state(self) -> tuple[dict, dict]:
         """(JSON state, tensors) a checkpoint needs to continue exactly: step, data position, RNG
-        streams (dropout draws), optimizer and schedule."""
-        rng, rng_tensors = rng_state()
-        return ({"step": self.step_count, "sampler": self.sampler.state_dict(), **rng},
-                {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), **rng_tensors})
+        streams (dropout draws; every rank's, gathered), optimizer and schedule. Every rank calls it."""
+        return gathered_state({"step": self.step_count, "sampler": self.sampler.state_dict()},
+                              {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()})
 
     def load_state(self, state: dict, tensors: dict) -> None:
         self.step_count = state["step"]
         self.sampler.load_state_dict(state["sampler"])
         self.optimizer.load_state_dict(tensors["optimizer"])
         self.scheduler.load_state_dict(tensors["scheduler"])
-        set_rng_state(state, tensors)
+        restore_random_streams(state, tensors, self.cfg.seed)
 
     def evaluate(self) -> dict[str, float]:
         if self.eval_blocks is None or len(self.eval_blocks) == 0:
@@ -129,3 +137,36 @@ class SFTTrainer:
     def log(self, metrics: dict[str, float]) -> None:
         if self.sink is not None:
             self.sink.log(metrics, self.step_count)
+
+
+def gathered_state(state: dict, tensors: dict) -> tuple[dict, dict]:
+    """`state` and `tensors` plus this process's RNG streams and, under torchrun, every rank's
+    (rank i's under "ranks"[i] and "rank{i}/..."), with the world size that wrote them."""
+    rng, rng_tensors = rng_state()
+    per_rank = distributed.gather_objects({"rng": rng, "rng_tensors": rng_tensors})
+    state = {**state, **rng, "world_size": distributed.world_size()}
+    tensors = {**tensors, **rng_tensors}
+    if distributed.world_size() > 1:
+        state["ranks"] = [r["rng"] for r in per_rank]
+        for index, r in enumerate(per_rank):
+            tensors.update({f"rank{index}/{k}": v for k, v in r["rng_tensors"].items()})
+    return state, tensors
+
+
+def restore_random_streams(state: dict, tensors: dict, seed: int) -> None:
+    """This rank's RNG streams from `gathered_state`; with another number of ranks than wrote them,
+    fresh per-rank streams (the resume is then not exact, and a warning says so)."""
+    import logging
+
+    world = distributed.world_size()
+    if state.get("world_size", 1) != world:
+        logging.getLogger(__name__).warning(
+            "the checkpoint was written by %d rank(s), this run has %d: the random streams start afresh, so this "
+            "resume is not exact", state.get("world_size", 1), world)
+        seed_everything(distributed.rank_seed(seed + 1))
+        return
+    if world > 1:
+        prefix = f"rank{distributed.rank()}/"
+        state = {**state, **state["ranks"][distributed.rank()]}
+        tensors = {**tensors, **{k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}}
+    set_rng_state(state, tensors)
