@@ -163,3 +163,44 @@ def test_sft_on_two_ranks_makes_the_same_steps_as_one_rank(tmp_path):
                 assert m2[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
     listing = sorted(str(p.relative_to(runs[2])) for p in runs[2].rglob("*"))
     assert listing == sorted(str(p.relative_to(runs[1])) for p in runs[1].rglob("*"))
+
+
+def test_reward_training_on_two_ranks_makes_the_same_steps_as_one_rank(tiny_dirs, tmp_path):
+    """`torchrun -m tether reward`: each rank scores half of every batch of pairs; the pairwise loss
+    is divided by the whole batch's pairs and the gradients summed, so the steps match one process."""
+    from test_reward import preference_rows
+
+    rows = preference_rows()
+    train, held_out = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows[:36]))
+    held_out.write_text("".join(json.dumps(r) + "\n" for r in rows[36:]))
+    runs = {}
+    for ranks in (1, 2):
+        runs[ranks] = tmp_path / f"reward{ranks}"
+        args = dict(model=tiny_dirs["gpt2"], data=train, eval_data=held_out, output_dir=runs[ranks], batch_size=8,
+                    gradient_accumulation_steps=2, epochs=1.0, learning_rate=3e-3, max_length=64, eval_every=2,
+                    save_every=2, progress="false", seed=0)
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                              f"--nproc_per_node={ranks}", "-m", "tether", "reward",
+                              *[f"{k}={v}" for k, v in args.items()]],
+                             capture_output=True, text=True, env=env, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+    one, two = weights(runs[1]), weights(runs[2])
+    assert one.keys() == two.keys()
+    # The final norm's bias shifts chosen and rejected scores alike: its gradient is zero, exactly so
+    # in one process; the two-rank sum leaves float residue that Adam turns into steps of up to lr.
+    start = load_file(str(Path(tiny_dirs["gpt2"]) / "model.safetensors"))
+    untouched = {k for k in one if k.split(":")[1] in start and torch.equal(one[k], start[k.split(":")[1]])}
+    assert untouched == {"model.safetensors:transformer.ln_f.bias"}
+    for key in one:
+        tolerance = 3e-3 * 5 if key in untouched else 1e-5
+        assert torch.allclose(one[key], two[key], atol=tolerance, rtol=0), key
+    rows1, rows2 = metrics(runs[1]), metrics(runs[2])
+    assert len(rows1) == len(rows2) == 5  # 36 pairs / 8 per step, one line per step: rank 0 alone wrote
+    for m1, m2 in zip(rows1, rows2, strict=True):
+        for key, value in m1.items():
+            if not key.startswith("time/"):
+                assert m2[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+    listing = sorted(str(p.relative_to(runs[2])) for p in runs[2].rglob("*"))
+    assert listing == sorted(str(p.relative_to(runs[1])) for p in runs[1].rglob("*"))

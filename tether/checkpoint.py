@@ -8,6 +8,7 @@ RNG states, data position, update counter) in `trainer_state.pt` + `trainer_stat
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -16,6 +17,10 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+
+from tether import distributed
+
+log = logging.getLogger(__name__)
 
 
 def save_checkpoint(path: Path, policy, tokenizer, critic=None, state: Optional[dict] = None,
@@ -124,3 +129,34 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def with_random_streams(state: dict, tensors: dict) -> tuple[dict, dict]:
+    """`state` and `tensors` plus this process's RNG streams and, under torchrun, every rank's
+    (rank i's under "ranks"[i] and "rank{i}/..."), with the world size that wrote them. Every rank calls it."""
+    rng, rng_tensors = rng_state()
+    per_rank = distributed.gather_objects({"rng": rng, "rng_tensors": rng_tensors})
+    state = {**state, **rng, "world_size": distributed.world_size()}
+    tensors = {**tensors, **rng_tensors}
+    if distributed.world_size() > 1:
+        state["ranks"] = [r["rng"] for r in per_rank]
+        for index, r in enumerate(per_rank):
+            tensors.update({f"rank{index}/{k}": v for k, v in r["rng_tensors"].items()})
+    return state, tensors
+
+
+def restore_random_streams(state: dict, tensors: dict, seed: int) -> None:
+    """This rank's RNG streams from `with_random_streams`; with another number of ranks than wrote them,
+    fresh per-rank streams (the resume is then not exact, and a warning says so)."""
+    world = distributed.world_size()
+    if state.get("world_size", 1) != world:
+        log.warning(
+            "the checkpoint was written by %d rank(s), this run has %d: the random streams start afresh, so this "
+            "resume is not exact", state.get("world_size", 1), world)
+        seed_everything(distributed.rank_seed(seed + 1))
+        return
+    if world > 1:
+        prefix = f"rank{distributed.rank()}/"
+        state = {**state, **state["ranks"][distributed.rank()]}
+        tensors = {**tensors, **{k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}}
+    set_rng_state(state, tensors)

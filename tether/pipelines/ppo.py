@@ -71,7 +71,7 @@ def start_run(cfg) -> RunStart:
     and locked (tether/rundir.py). Nothing is written yet: `commit` does that once every check
     has passed. (Validation is the caller's: it must come before this.)"""
     if distributed.launched() and not distributed.active():
-        raise ConfigError("this stage runs in one process; under torchrun `tether ppo` and `tether sft` are "
+        raise ConfigError("this stage runs in one process; under torchrun `tether ppo`, `tether sft` and `tether reward` are "
                           "data-parallel: run it without torchrun (python -m tether ...)")
     set_threads(cfg.num_threads)
     if getattr(cfg, "release_memory", False):

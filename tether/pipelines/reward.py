@@ -26,8 +26,9 @@ from typing import Any, Mapping, Optional
 
 import torch
 
+from tether import distributed
 from tether.algo import append_missing_eos
-from tether.checkpoint import load_weights, read_trainer_state, save_checkpoint
+from tether.checkpoint import load_weights, read_trainer_state, save_checkpoint, seed_everything
 from tether.config import ConfigError, RewardConfig, lora_settings
 from tether.lora import build_lora_reward_model, require_full_model
 from tether.data import DataError, load_records, tokenize_prompts
@@ -42,7 +43,7 @@ from tether.models import (
     torch_dtype,
     use_fused_kernels,
 )
-from tether.pipelines.ppo import commit, locked, start_run
+from tether.pipelines.ppo import commit, join_ranks, locked, start_run
 from tether.rundir import prune_checkpoints
 from tether.rewards import reward_eos
 from tether.tracking import JsonlSink
@@ -76,6 +77,7 @@ def run_reward(cfg: RewardConfig) -> dict[str, float]:
     """
     # 1. Config, threads, seed, run directory.
     validate_reward_config(cfg)
+    join_ranks(cfg)
     with locked(start_run(cfg)) as start:
         return _run_reward(cfg, start)
 
@@ -95,18 +97,24 @@ def _run_reward(cfg: RewardConfig, start) -> dict[str, float]:
 
     # 4. Train, once every check has passed (config.yaml is written now, not before).
     def save(trainer: RewardTrainer) -> None:
-        state, tensors = trainer.state()
-        save_reward_model(run_dir / f"checkpoint-{trainer.step}", model, tokenizer, state, tensors)
-        prune_checkpoints(run_dir, cfg.keep_checkpoints)
+        state, tensors = trainer.state()  # every rank: their random streams are gathered
+        if distributed.is_main():
+            save_reward_model(run_dir / f"checkpoint-{trainer.step}", model, tokenizer, state, tensors)
+            prune_checkpoints(run_dir, cfg.keep_checkpoints)
+        distributed.barrier()
 
-    trainer = RewardTrainer(cfg, model, tokenizer.pad_token_id, train_pairs, eval_pairs, device=device, save=save)
     if start.checkpoint is not None:
         load_reward_weights(model, start.checkpoint)
+    if distributed.active():  # identical starting weights (the score head's init included), own random streams
+        distributed.broadcast_parameters([p for p in model.parameters() if p.requires_grad])
+        seed_everything(distributed.rank_seed(cfg.seed))
+    trainer = RewardTrainer(cfg, model, tokenizer.pad_token_id, train_pairs, eval_pairs, device=device, save=save)
+    if start.checkpoint is not None:
         trainer.load_state(*read_trainer_state(start.checkpoint))
         log.info("resuming %s from %s (step %d of %d)", start.path, start.checkpoint, trainer.step,
                  trainer.total_steps)
     run_dir = commit(start, cfg, trainer.step if start.checkpoint is not None else None)
-    trainer.sink = sink = JsonlSink(run_dir / "metrics.jsonl")
+    trainer.sink = sink = JsonlSink(run_dir / "metrics.jsonl") if distributed.is_main() else None  # rank 0 writes
     try:
         last = trainer.train()
         summary.update({k: last[k] for k in ("train/loss", "train/accuracy", "time/train_s")})
@@ -118,11 +126,14 @@ def _run_reward(cfg: RewardConfig, start) -> dict[str, float]:
             stats = normalize_on_policy(cfg, model, tokenizer, norm_prompts, device, dtype)
             summary.update(stats)  # not in metrics.jsonl: its rows are optimizer steps
     finally:
-        sink.close()
+        if sink is not None:
+            sink.close()
 
-    # 6. Save: plain transformers format, written to a temporary directory and renamed.
-    save_reward_model(run_dir / "final", model, tokenizer)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    # 6. Save: plain transformers format, written to a temporary directory and renamed (rank 0).
+    if distributed.is_main():
+        save_reward_model(run_dir / "final", model, tokenizer)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    distributed.barrier()
     log.info("reward model saved to %s; %s", run_dir / "final",
              ", ".join(f"{k} {summary[k]:.4f}" for k in ("eval/loss", "eval/accuracy") if k in summary))
     return summary

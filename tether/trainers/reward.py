@@ -46,7 +46,8 @@ import torch
 from torch import Tensor, nn
 
 from tether.algo import pairwise_loss
-from tether.checkpoint import rng_state, set_rng_state
+from tether import distributed
+from tether.checkpoint import restore_random_streams, with_random_streams
 from tether.config import RewardConfig
 from tether.data import PromptSampler, left_pad, right_pad
 from tether.models import (
@@ -210,7 +211,11 @@ class TrunkCache:
 
 
 class RewardTrainer:
-    """Handed its model, tokenised pairs, config and metric sink; owns the optimizer and data order."""
+    """Handed its model, tokenised pairs, config and metric sink; owns the optimizer and data order.
+
+    Under torchrun every rank draws the same batch of pair indices and trains on its contiguous
+    share; the loss is divided by the pairs of the whole batch and the gradients are summed over
+    ranks, so N ranks make the step one process makes. Evaluation runs whole on every rank."""
 
     def __init__(self, cfg: RewardConfig, model: nn.Module, pad_id: int, train_pairs: PreferencePairs,
                  eval_pairs: Optional[PreferencePairs] = None, sink: Optional[MetricSink] = None,
@@ -253,7 +258,7 @@ class RewardTrainer:
         from tqdm.contrib.logging import logging_redirect_tqdm
 
         bar = tqdm(total=self.total_steps, initial=self.step, desc="reward", unit="step",
-                   disable=not self.cfg.progress, dynamic_ncols=True)
+                   disable=not self.cfg.progress or not distributed.is_main(), dynamic_ncols=True)
         metrics: dict[str, float] = {}
         start = time.perf_counter()
         if self.trunks is not None:
@@ -299,18 +304,18 @@ class RewardTrainer:
 
     def state(self) -> tuple[dict, dict]:
         """(JSON state, tensors) to continue exactly: step, data position (the rest of this epoch's
-        order and the shuffling stream), RNG streams, optimizer and schedule."""
-        rng, rng_tensors = rng_state()
-        return ({"step": self.step, "pairs_seen": self.pairs_seen, "order": list(self._order), **rng},
-                {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "shuffle_rng": self.generator.get_state(), **rng_tensors})
+        order and the shuffling stream), RNG streams (every rank's), optimizer and schedule. Every
+        rank calls it."""
+        return with_random_streams({"step": self.step, "pairs_seen": self.pairs_seen, "order": list(self._order)},
+                                   {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                                    "shuffle_rng": self.generator.get_state()})
 
     def load_state(self, state: dict, tensors: dict) -> None:
         self.step, self.pairs_seen, self._order = state["step"], state["pairs_seen"], list(state["order"])
         self.optimizer.load_state_dict(tensors["optimizer"])
         self.scheduler.load_state_dict(tensors["scheduler"])
         self.generator.set_state(tensors["shuffle_rng"])
-        set_rng_state(state, tensors)
+        restore_random_streams(state, tensors, self.cfg.seed)
 
     def next_indices(self, count: int) -> list[int]:
         """``count`` pair indices; a batch crossing an epoch boundary continues into a fresh permutation."""
@@ -350,13 +355,15 @@ class RewardTrainer:
         accumulated gradient equals the gradient of one pass over the batch (DESIGN.md §5).
         """
         self.model.train()
-        batch_pairs = len(indices)
+        batch_pairs = len(indices)  # the whole batch, over every rank
+        mine = distributed.share(list(indices))  # under torchrun: this rank's contiguous share
+        micro_size = self.cfg.micro_batch_size // distributed.world_size()
         totals = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0}
-        for start in range(0, batch_pairs, self.cfg.micro_batch_size):
-            micro = self.train_pairs.select(indices[start : start + self.cfg.micro_batch_size])
+        for start in range(0, len(mine), micro_size):
+            micro = self.train_pairs.select(mine[start : start + micro_size])
             chosen, rejected = self.pair_scores(micro)
             loss, stats = pairwise_loss(chosen, rejected, num_pairs=batch_pairs)  # Ouyang et al. 2022 eq. 1
-            if not torch.isfinite(loss):
+            if distributed.any_rank(not torch.isfinite(loss)):
                 self.optimizer.zero_grad(set_to_none=True)
                 raise NonFiniteError(
                     f"non-finite reward-model loss ({loss.item()}) at step {self.step + 1}; nothing was applied to "
@@ -364,7 +371,8 @@ class RewardTrainer:
             loss.backward()
             for key in totals:  # stats are means over the micro-batch: weight by its share of pairs
                 totals[key] += stats[key].item() * len(micro) / batch_pairs
-        return {f"train/{k}": v for k, v in totals.items()}
+        summed = distributed.sum_floats(list(totals.values()))
+        return {f"train/{k}": v for k, v in zip(totals, summed)}
 
     def pair_scores(self, pairs: PreferencePairs) -> tuple[Tensor, Tensor]:
         """(N,) chosen and (N,) rejected scores from one padded forward pass over both.
@@ -386,6 +394,7 @@ class RewardTrainer:
 
     def _clip_and_step(self) -> float:
         params = [p for p in self.model.parameters() if p.grad is not None]
+        distributed.sum_gradients(params)  # data parallel: every rank's share of the batch
         norm = clip_grad_norm(params, self.cfg.max_grad_norm)
         if not math.isfinite(norm):
             self.optimizer.zero_grad(set_to_none=True)

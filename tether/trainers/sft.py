@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from tether import distributed
 from tether.algo import lm_loss
-from tether.checkpoint import rng_state, seed_everything, set_rng_state
+from tether.checkpoint import restore_random_streams, with_random_streams
 from tether.config import SFTConfig
 from tether.data import BlockSampler
 from tether.models import position_ids_from_mask
@@ -119,8 +119,8 @@ class SFTTrainer:
     def state(self) -> tuple[dict, dict]:
         """(JSON state, tensors) a checkpoint needs to continue exactly: step, data position, RNG
         streams (dropout draws; every rank's, gathered), optimizer and schedule. Every rank calls it."""
-        return gathered_state({"step": self.step_count, "sampler": self.sampler.state_dict()},
-                              {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()})
+        return with_random_streams({"step": self.step_count, "sampler": self.sampler.state_dict()},
+                                   {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()})
 
     def load_state(self, state: dict, tensors: dict) -> None:
         self.step_count = state["step"]
@@ -138,35 +138,3 @@ class SFTTrainer:
         if self.sink is not None:
             self.sink.log(metrics, self.step_count)
 
-
-def gathered_state(state: dict, tensors: dict) -> tuple[dict, dict]:
-    """`state` and `tensors` plus this process's RNG streams and, under torchrun, every rank's
-    (rank i's under "ranks"[i] and "rank{i}/..."), with the world size that wrote them."""
-    rng, rng_tensors = rng_state()
-    per_rank = distributed.gather_objects({"rng": rng, "rng_tensors": rng_tensors})
-    state = {**state, **rng, "world_size": distributed.world_size()}
-    tensors = {**tensors, **rng_tensors}
-    if distributed.world_size() > 1:
-        state["ranks"] = [r["rng"] for r in per_rank]
-        for index, r in enumerate(per_rank):
-            tensors.update({f"rank{index}/{k}": v for k, v in r["rng_tensors"].items()})
-    return state, tensors
-
-
-def restore_random_streams(state: dict, tensors: dict, seed: int) -> None:
-    """This rank's RNG streams from `gathered_state`; with another number of ranks than wrote them,
-    fresh per-rank streams (the resume is then not exact, and a warning says so)."""
-    import logging
-
-    world = distributed.world_size()
-    if state.get("world_size", 1) != world:
-        logging.getLogger(__name__).warning(
-            "the checkpoint was written by %d rank(s), this run has %d: the random streams start afresh, so this "
-            "resume is not exact", state.get("world_size", 1), world)
-        seed_everything(distributed.rank_seed(seed + 1))
-        return
-    if world > 1:
-        prefix = f"rank{distributed.rank()}/"
-        state = {**state, **state["ranks"][distributed.rank()]}
-        tensors = {**tensors, **{k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}}
-    set_rng_state(state, tensors)
