@@ -273,8 +273,8 @@ def test_a_non_finite_loss_skips_the_update_and_leaves_no_gradient_behind(tiny_d
         tiny_dirs, tmp_path, gradient_accumulation_steps=2, total_updates=3)))
     policy_loss, calls = trainer.policy_loss, []
 
-    def second_micro_batch_is_nan(micro, num_tokens):
-        loss, stats = policy_loss(micro, num_tokens)
+    def second_micro_batch_is_nan(micro, num_tokens, num_sequences):
+        loss, stats = policy_loss(micro, num_tokens, num_sequences)
         calls.append(1)
         return (loss * float("nan") if len(calls) == 2 else loss), stats
 

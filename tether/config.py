@@ -82,7 +82,8 @@ class PPOConfig:
     fsdp_frozen: Literal["shard", "replicate"] = opt("shard", "data_parallel=fsdp2: the frozen roles (reference, reward model) sharded like the trained ones, or a whole copy on every rank (more memory, no gathers when scoring).")
 
     # --- batch sizes --------------------------------------------------------
-    batch_size: int = opt(16, "Prompts (rollouts) per PPO update.")
+    batch_size: int = opt(16, "Prompts per PPO update (over all ranks). Each is sampled samples_per_prompt times: the update trains on batch_size x samples_per_prompt responses (logged as batch/prompts and batch/responses).")
+    samples_per_prompt: int = opt(1, "Responses sampled per prompt, in adjacent rows: the group that GRPO, Dr. GRPO, RLOO and REINFORCE++-baseline compare (n >= 2 for those).")
     num_minibatches: int = opt(1, "Minibatches per PPO epoch; optimizer steps per update = ppo_epochs x num_minibatches.")
     gradient_accumulation_steps: int = opt(1, "Micro-batches per minibatch (memory only: the update is the same).")
     rollout_batch_size: int = opt(0, "Prompts generated per forward chunk during rollout (0 = batch_size).")
@@ -99,7 +100,9 @@ class PPOConfig:
     entropy_coef: float = opt(0.0, "Entropy bonus weight (0 by default, as in the RLHF reference implementations).")
     gamma: float = opt(1.0, "Discount factor; 1 for short language episodes.")
     lam: float = opt(0.95, "GAE lambda.")
-    whiten_advantages: bool = opt(True, "Shift advantages to mean 0, std 1 over the batch's real tokens.")
+    advantage_estimator: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = opt("gae", "'gae': a critic and GAE (PPO-RLHF). Critic-free (no critic is loaded or trained): 'grpo' (group mean/std, Shao et al. 2024), 'dr_grpo' (group mean only, Liu et al. 2025), 'rloo' (leave-one-out mean, Ahmadian et al. 2024), 'reinforce_pp' (token returns-to-go whitened over the batch, Hu 2025), 'reinforce_pp_baseline' (the same after subtracting the group mean score).")
+    loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"] = opt("token_mean", "How per-token policy losses combine: 'token_mean' over the minibatch's tokens (PPO, DAPO); 'seq_mean_token_mean' (mean per response, then over responses: original GRPO); 'seq_mean_token_sum' (sum per response, mean over responses); 'seq_mean_token_sum_norm' (sum / (responses x max_new_tokens): Dr. GRPO).")
+    whiten_advantages: bool = opt(True, "Shift GAE advantages to mean 0, std 1 over the batch's real tokens (advantage_estimator=gae; REINFORCE++ always whitens, the group estimators never do).")
     target_kl_stop: Optional[float] = opt(None, "Stop an update's remaining minibatches when approx-KL exceeds this.")
     critic_warmup_updates: int = opt(0, "First updates that train only the critic (policy frozen; they count in total_updates), "
                                         "so advantages mean something before the policy moves (verl critic_warmup).")
@@ -118,6 +121,11 @@ class PPOConfig:
     missing_eos_penalty: Optional[float] = opt(None, "Subtract this from the score of responses that never emit EOS.")
     score_clip: Optional[float] = opt(None, "Clip scores to [-score_clip, score_clip].")
     normalize_scores: bool = opt(False, "Normalise scores with running mean/std (PPO-max).")
+    overlong_buffer: int = opt(0, "DAPO overlong reward shaping: a penalty rising linearly from 0 to overlong_penalty over the last N tokens before max_new_tokens (0 = off).")
+    overlong_penalty: float = opt(1.0, "The penalty at max_new_tokens for overlong_buffer > 0.")
+    dynamic_sampling: bool = opt(False, "DAPO dynamic sampling: drop prompt groups whose samples_per_prompt scores are all equal (zero group advantage) and sample more prompts to refill the batch; the drops are logged.")
+    dynamic_sampling_max_rounds: int = opt(3, "Extra sampling rounds to refill a batch with dynamic_sampling; what is still missing after them is filled with dropped groups.")
+    allow_k1_kl_loss: bool = opt(False, "Accept kl_placement=loss with kl_estimator=k1 (its gradient is zero in expectation: the KL brake does nothing); refused unless set, with a loud warning when set.")
 
     # --- optimisation -------------------------------------------------------
     learning_rate: float = opt(1e-5, "Policy learning rate.")
@@ -151,12 +159,19 @@ class PPOConfig:
     num_threads: int = opt(0, "torch CPU threads (0 = number of cores, never more).")
 
     def __post_init__(self) -> None:
-        self.minibatch_size = self.batch_size // max(self.num_minibatches, 1)
+        # Minibatches and micro-batches count responses (rows): batch_size prompts x samples_per_prompt.
+        self.rollout_size = self.batch_size * max(self.samples_per_prompt, 1)
+        self.minibatch_size = self.rollout_size // max(self.num_minibatches, 1)
         self.micro_batch_size = self.minibatch_size // max(self.gradient_accumulation_steps, 1)
+
+    @property
+    def uses_critic(self) -> bool:
+        return self.advantage_estimator == "gae"
 
     def validate(self) -> None:
         """Reject missing and inconsistent settings before anything loads."""
         _require(self, "policy", "prompts")
+        _check_estimator(self)
         _check_model_paths(self, "policy", "reference", "critic", "reward_model", "tokenizer", "reward_tokenizer")
         if (self.reward_model is None) == (self.reward_fn is None):
             raise ConfigError("set exactly one of reward_model (a model path) or reward_fn ('module:function')")
@@ -164,9 +179,13 @@ class PPOConfig:
             raise ConfigError(f"reward_fn must look like 'package.module:function', got {self.reward_fn!r}")
         _positive(self, "batch_size", "num_minibatches", "gradient_accumulation_steps", "total_updates",
                   "ppo_epochs", "max_new_tokens", "max_prompt_length", "ptx_batch_size", "ptx_block_size")
-        _divisible(self, "batch_size", "num_minibatches")
+        _positive(self, "samples_per_prompt")
+        if self.samples_per_prompt == 1:
+            _divisible(self, "batch_size", "num_minibatches")
+        else:
+            _divisible(self, "rollout_size", "num_minibatches", note="rollout_size = batch_size x samples_per_prompt")
         _divisible(self, "minibatch_size", "gradient_accumulation_steps",
-                   note="minibatch_size = batch_size / num_minibatches")
+                   note="minibatch_size = batch_size x samples_per_prompt / num_minibatches")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
@@ -212,9 +231,44 @@ class PPOConfig:
         elif self.lora_rank:
             raise ConfigError("lora_rank is set but placement=separate trains full models; use placement=shared_base "
                               "for LoRA PPO (policy and critic adapters on one base)")
+        _non_negative(self, "overlong_buffer", "overlong_penalty", "dynamic_sampling_max_rounds")
+        if self.overlong_buffer > self.max_new_tokens:
+            raise ConfigError(f"overlong_buffer={self.overlong_buffer} is longer than max_new_tokens="
+                              f"{self.max_new_tokens}; the penalty zone must fit inside the response (DAPO uses ~1/4)")
         unknown = set(self.log_with) - {"tensorboard", "wandb"}
         if unknown:
             raise ConfigError(f"log_with: unknown sink(s) {sorted(unknown)}; allowed: tensorboard, wandb")
+
+
+def _check_estimator(cfg: "PPOConfig") -> None:
+    """Combinations of estimator, group size, KL handling and critic options that cannot work."""
+    grouped = cfg.advantage_estimator in ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
+    if grouped and cfg.samples_per_prompt < 2:
+        raise ConfigError(f"advantage_estimator={cfg.advantage_estimator} compares the responses to one prompt: set "
+                          "samples_per_prompt >= 2 (4-16 is usual); with 1 every advantage is the raw score")
+    if cfg.dynamic_sampling and cfg.samples_per_prompt < 2:
+        raise ConfigError("dynamic_sampling drops prompt groups whose scores are all equal: set samples_per_prompt >= 2")
+    if cfg.advantage_estimator.startswith("reinforce_pp") and cfg.kl_placement != "reward":
+        raise ConfigError(f"advantage_estimator={cfg.advantage_estimator} puts the token-level KL in the reward (Hu "
+                          "2025): set kl_placement=reward")
+    if not cfg.uses_critic:
+        for key in ("critic", "critic_learning_rate"):
+            if getattr(cfg, key) is not None:
+                raise ConfigError(f"{key} is set but advantage_estimator={cfg.advantage_estimator} trains no critic; "
+                                  f"unset {key}, or use advantage_estimator=gae")
+        if cfg.critic_warmup_updates:
+            raise ConfigError(f"critic_warmup_updates={cfg.critic_warmup_updates} warms up a critic, but "
+                              f"advantage_estimator={cfg.advantage_estimator} has none; set it to 0")
+    if cfg.kl_placement == "loss" and cfg.kl_estimator == "k1":
+        message = ("kl_placement=loss with kl_estimator=k1: the gradient of the k1 estimate is zero in expectation "
+                   "(E_pi[grad log pi] = 0), so the KL term does not hold the policy near the reference. Use "
+                   "kl_estimator=k2 (the reverse-KL gradient, on-policy) or k3 (GRPO's choice), or put the KL in the "
+                   "reward (kl_placement=reward, where k1 is right)")
+        if not cfg.allow_k1_kl_loss:
+            raise ConfigError(message + "; allow_k1_kl_loss=true runs it anyway")
+        import logging
+
+        logging.getLogger(__name__).warning("allow_k1_kl_loss=true: %s", message)
 
 
 def _check_lora(cfg: Any) -> None:

@@ -16,6 +16,7 @@ class Metric:
     healthy: str
     only_with: tuple[str, ...] = ()  # the options that must all be set for it to be logged; () = always
     logged_when: str = ""  # the rows it appears on when not every row, e.g. "the last row"
+    critic: bool = False  # logged only when a critic is trained (advantage_estimator=gae, the default)
 
 
 _EVAL_ROWS = "update 0, every `eval_every` updates and the last"
@@ -54,18 +55,33 @@ PPO_METRICS: tuple[Metric, ...] = (
            "Stable; spikes precede instability. Consistently above `max_grad_norm` means clipping is always on."),
     Metric("policy/lr", "Policy learning rate after this update.", "Follows the configured schedule."),
     Metric("value/loss", "Clipped value loss ½·max((V−R)², (V_clip−R)²), averaged over optimizer steps.",
-           "Falls early, then tracks the reward's noise."),
-    Metric("value/clipfrac", "Fraction of tokens where the clipped value branch was chosen.", "Below ~0.3."),
+           "Falls early, then tracks the reward's noise.", critic=True),
+    Metric("value/clipfrac", "Fraction of tokens where the clipped value branch was chosen.", "Below ~0.3.", critic=True),
     Metric("value/explained_variance", "1 − Var(returns − values)/Var(returns) of the rollout's values.",
-           "Rises toward 1 as the critic learns; negative means the critic is worse than a constant."),
+           "Rises toward 1 as the critic learns; negative means the critic is worse than a constant.", critic=True),
     Metric("value/mean", "Mean value prediction over response tokens at rollout time.",
-           "Tracks `reward/total`."),
-    Metric("value/grad_norm", "Critic gradient norm before clipping, averaged over optimizer steps.", "Stable."),
-    Metric("value/lr", "Critic learning rate after this update.", "Follows the configured schedule."),
+           "Tracks `reward/total`.", critic=True),
+    Metric("value/grad_norm", "Critic gradient norm before clipping, averaged over optimizer steps.", "Stable.", critic=True),
+    Metric("value/lr", "Critic learning rate after this update.", "Follows the configured schedule.", critic=True),
     Metric("ptx/loss", "PPO-ptx pretraining LM loss (nats per token), 0 when PPO-ptx is off.",
            "Stays near its starting value. Rising means the policy is forgetting: raise `ptx_coef`."),
-    Metric("returns/mean", "Mean GAE return over response tokens.", "Tracks `reward/total`."),
-    Metric("advantages/mean", "Mean advantage before whitening.", "Near 0 once the critic is trained."),
+    Metric("returns/mean", "Mean return over response tokens: GAE's returns; the response's summed shaped reward "
+           "(grpo, dr_grpo, rloo); the returns-to-go (reinforce_pp).", "Tracks `reward/total`."),
+    Metric("advantages/mean", "Mean advantage before whitening (GAE, REINFORCE++); the group estimators' advantages "
+           "are not whitened.", "Near 0 once the critic is trained; about 0 for the group estimators."),
+    Metric("batch/prompts", "Prompts in this update's batch (`batch_size`, over all ranks).", "Equal to `batch_size`."),
+    Metric("batch/responses", "Responses trained on: prompts × `samples_per_prompt`.",
+           "Equal to `batch_size` × `samples_per_prompt`."),
+    Metric("reward/overlong_penalty", "Mean DAPO overlong penalty added to the training score (0 up to "
+           "`max_new_tokens` − `overlong_buffer`, down to −`overlong_penalty` at the limit); not in `reward/score`.",
+           "Near 0; growing means responses run into the length limit.", ("overlong_buffer",)),
+    Metric("sampling/uniform_groups", "Prompt groups whose `samples_per_prompt` scores were all equal (zero "
+           "group advantage), over every sampling round of this update.", "Low. Most groups uniform: prompts too "
+           "easy or too hard for the policy, or a reward that rarely changes.", ("dynamic_sampling",)),
+    Metric("sampling/extra_rounds", "Sampling rounds beyond the first to refill the batch with informative groups.",
+           "0–1; many rounds cost generation time.", ("dynamic_sampling",)),
+    Metric("sampling/kept_uniform_groups", "Uniform groups still in the batch because the refill rounds ran out.",
+           "0; raise `dynamic_sampling_max_rounds` or change the prompts.", ("dynamic_sampling",)),
     Metric("response/length", "Mean response length in tokens (EOS included).",
            "Stable or slowly changing. Steady growth to `max_new_tokens` with a falling EOS rate is a known "
            "collapse (Secrets of RLHF)."),
@@ -107,6 +123,7 @@ PPO_METRICS: tuple[Metric, ...] = (
 
 PPO_METRIC_NAMES: frozenset[str] = frozenset(m.name for m in PPO_METRICS)
 ALWAYS_LOGGED: frozenset[str] = frozenset(m.name for m in PPO_METRICS if not m.only_with)
+CRITIC_METRICS: frozenset[str] = frozenset(m.name for m in PPO_METRICS if m.critic)
 
 
 SFT_METRICS: tuple[Metric, ...] = (
@@ -177,6 +194,8 @@ def _when(m: Metric) -> str:
     if m.only_with:
         verb = " are set" if len(m.only_with) > 1 else " is set"
         parts.append(" and ".join(f"`{o}`" for o in m.only_with) + verb)
+    if m.critic:
+        parts.append("with a critic (`advantage_estimator=gae`)")
     if m.logged_when:
         parts.append(m.logged_when)
     return "; ".join(parts) or "always"

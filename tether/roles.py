@@ -13,6 +13,10 @@ With adapters only on the top blocks, the blocks below them are the same functio
 role: SharedBaseRoles runs them once per rollout (the "trunk") and every role, in every PPO
 epoch, starts from that output instead of recomputing it.
 
+With a critic-free advantage estimator (GRPO, RLOO, REINFORCE++) there is no critic: the roles
+are built without it (critic=None / no critic adapter and value head), values are zeros that
+nothing reads, and the checkpoint has no critic/.
+
 Every role is built with dropout off (N-details item 4): a trainer handed models that still
 have dropout would otherwise see a first-minibatch ratio != 1.
 """
@@ -114,6 +118,11 @@ def _lm_forward(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> 
                  position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
 
 
+def _no_values(input_ids: Tensor, response_length: int) -> Tensor:
+    """(B, R) zeros standing in for values when no critic is trained (no forward runs)."""
+    return torch.zeros(input_ids.shape[0], response_length, device=input_ids.device)
+
+
 def _parameters(*modules: nn.Module) -> list[nn.Parameter]:
     return [p for m in modules for p in m.parameters() if p.requires_grad]
 
@@ -124,7 +133,7 @@ def _parameters(*modules: nn.Module) -> list[nn.Parameter]:
 class SeparateRoles:
     """Four models: policy and critic fully trained, reference and reward model frozen."""
 
-    def __init__(self, policy: nn.Module, reference: nn.Module, critic: nn.Module, reward):
+    def __init__(self, policy: nn.Module, reference: nn.Module, critic: Optional[nn.Module], reward):
         for model in (policy, reference, critic, getattr(reward, "model", None)):
             if isinstance(model, nn.Module):
                 disable_dropout(model)
@@ -166,27 +175,34 @@ class SeparateRoles:
         return self._logits(self.policy, input_ids, attention_mask, response_length, pad_id)
 
     def values(self, input_ids, attention_mask, response_length, trunk=None):
+        if self.critic is None:  # critic-free estimators: nothing reads these
+            return _no_values(input_ids, response_length)
         return self.critic(input_ids, attention_mask)[:, -(response_length + 1) : -1]  # (B, R)
 
     def lm_logits(self, input_ids, attention_mask):
         return _lm_forward(self.policy, input_ids, attention_mask)
 
     def trainable(self, role: str) -> list[nn.Parameter]:
+        if role == "critic" and self.critic is None:
+            return []
         return _parameters(self.policy if role == "policy" else self.critic)
 
     def train(self) -> None:
-        self.policy.train()
-        self.critic.train()
+        for model in (self.policy, self.critic):
+            if model is not None:
+                model.train()
 
     def eval(self) -> None:
-        self.policy.eval()
-        self.critic.eval()
+        for model in (self.policy, self.critic):
+            if model is not None:
+                model.eval()
 
     def shard(self, frozen: bool) -> None:
         from tether.sharding import shard
 
         shard(self.policy)
-        shard(self.critic)
+        if self.critic is not None:
+            shard(self.critic)
         if frozen:
             shard(self.reference)
             if isinstance(getattr(self.reward, "model", None), nn.Module):
@@ -196,9 +212,11 @@ class SeparateRoles:
         """Policy in plain transformers format at `path`, the critic in `path/critic`."""
         from tether.sharding import whole_state
 
-        policy, critic = whole_state(self.policy), whole_state(self.critic)  # None unless sharded
+        policy = whole_state(self.policy)  # None unless sharded
+        critic = whole_state(self.critic) if self.critic is not None else None
         if write:
-            save_checkpoint(path, _Writer(self.policy, policy), tokenizer, _Writer(self.critic, critic), state, tensors)
+            save_checkpoint(path, _Writer(self.policy, policy), tokenizer,
+                            _Writer(self.critic, critic) if self.critic is not None else None, state, tensors)
         return Path(path)
 
     def load(self, path) -> None:
@@ -207,6 +225,8 @@ class SeparateRoles:
 
         path = Path(path)
         load_weights(self.policy, path)
+        if self.critic is None:
+            return
         load_weights(self.critic.backbone, path / "critic", skip=(VALUE_HEAD_FILE,))
         self.critic.value_head.load_state_dict(load_file(str(path / "critic" / VALUE_HEAD_FILE)))
 
@@ -224,7 +244,7 @@ class SharedBaseRoles:
     (end ids, EOS id, pad id) with which the reward adapter's inputs are EOS-terminated.
     """
 
-    def __init__(self, model, value_head: nn.Linear, reward_head: Optional[nn.Linear] = None, reward=None,
+    def __init__(self, model, value_head: Optional[nn.Linear], reward_head: Optional[nn.Linear] = None, reward=None,
                  reward_eos: Optional[tuple[list[int], int, int]] = None):
         from tether.lora import adapter_layers
 
@@ -238,7 +258,8 @@ class SharedBaseRoles:
         self.causal_lm = model.get_base_model()
         self.generation_model = self.causal_lm
         # Which adapters exist decides where the trunk ends: below the lowest adapted block.
-        self.adapters = ["policy", "critic"] + (["reward"] if reward_head is not None else [])
+        self.adapters = (["policy"] + (["critic"] if value_head is not None else [])
+                         + (["reward"] if reward_head is not None else []))
         lowest = [adapter_layers(model, a) for a in self.adapters]
         self.trunk_end = 0 if any(x is None for x in lowest) else min(min(x) for x in lowest)
         if reward_head is not None:
@@ -347,6 +368,8 @@ class SharedBaseRoles:
             return self._logits(input_ids, attention_mask, response_length, pad_id, trunk)
 
     def values(self, input_ids, attention_mask, response_length, trunk=None):
+        if self.value_head is None:  # critic-free estimators: nothing reads these
+            return _no_values(input_ids, response_length)
         hidden = self._hidden("critic", input_ids, attention_mask, trunk)
         values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()  # (B, L)
         return values[:, -(response_length + 1) : -1]
@@ -358,16 +381,20 @@ class SharedBaseRoles:
     def trainable(self, role: str) -> list[nn.Parameter]:
         if role == "policy":
             return [p for n, p in self.model.named_parameters() if ".policy." in n and self._trainable[id(p)]]
+        if self.value_head is None:
+            return []
         adapter = [p for n, p in self.model.named_parameters() if ".critic." in n and self._trainable[id(p)]]
         return adapter + list(self.value_head.parameters())
 
     def train(self) -> None:
         self.model.train()
-        self.value_head.train()
+        if self.value_head is not None:
+            self.value_head.train()
 
     def eval(self) -> None:
         self.model.eval()
-        self.value_head.eval()
+        if self.value_head is not None:
+            self.value_head.eval()
 
     def shard(self, frozen: bool) -> None:
         """The base's blocks (LoRA weights inside them included); embeddings, final norm and head stay
@@ -382,10 +409,12 @@ class SharedBaseRoles:
     def save(self, path, tokenizer, state=None, tensors=None, write=True) -> Path:
         """The policy adapter (peft format) + tokenizer at `path`; the critic adapter and value head in
         `path/critic`. `tether export` merges the policy adapter into a plain transformers model."""
-        policy, critic = self._adapter_state("policy"), self._adapter_state("critic")
+        policy = self._adapter_state("policy")
+        critic = self._adapter_state("critic") if self.value_head is not None else None
         if write:
             save_checkpoint(path, _AdapterWriter(self, "policy", policy), tokenizer,
-                            _AdapterWriter(self, "critic", critic), state, tensors)
+                            _AdapterWriter(self, "critic", critic) if self.value_head is not None else None,
+                            state, tensors)
         return Path(path)
 
     def _adapter_state(self, adapter: str) -> Optional[dict]:
@@ -409,6 +438,8 @@ class SharedBaseRoles:
 
         path = Path(path)
         load_adapter_weights(self.model, "policy", path)
+        if self.value_head is None:
+            return
         load_adapter_weights(self.model, "critic", path / "critic")
         self.value_head.load_state_dict(load_file(str(path / "critic" / VALUE_HEAD_FILE)))
 

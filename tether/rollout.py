@@ -79,6 +79,40 @@ def select_rows(batch, index: Tensor):
     return type(batch)(**picked)
 
 
+def concat_rollouts(rollouts: list[Rollout], pad_id: int) -> Rollout:
+    """One Rollout of the rows of several (e.g. the refill rounds of dynamic sampling): prompts
+    left-padded and responses right-padded to the widest, times summed. The kept graph and the
+    trunk are dropped: the trainer recomputes those forwards."""
+    if len(rollouts) == 1:
+        return dataclasses.replace(rollouts[0], trunk=None, graph=None)
+    prompt_width = max(r.prompt_length for r in rollouts)
+    response_width = max(r.response_mask.shape[1] for r in rollouts)
+
+    def widen(x: Tensor, left: int, right: int, value) -> Tensor:
+        if x.dtype == torch.bool:  # constant padding takes numbers
+            return widen(x.to(torch.uint8), left, right, int(value)).bool()
+        return torch.nn.functional.pad(x, (left, right), value=value)
+
+    def stack(name: str, value) -> Tensor:  # a (B, R) field
+        return torch.cat([widen(getattr(r, name), 0, response_width - getattr(r, name).shape[1], value)
+                          for r in rollouts])
+
+    input_ids, attention_mask = [], []
+    for r in rollouts:
+        left, right = prompt_width - r.prompt_length, response_width - r.response_mask.shape[1]
+        prompt, response = r.input_ids[:, : r.prompt_length], r.response_ids
+        input_ids.append(torch.cat([widen(prompt, left, 0, pad_id), widen(response, 0, right, pad_id)], dim=1))
+        prompt_mask, response_mask = r.attention_mask[:, : r.prompt_length], r.attention_mask[:, r.prompt_length :]
+        attention_mask.append(torch.cat([widen(prompt_mask, left, 0, 0), widen(response_mask, 0, right, 0)], dim=1))
+    engine = stack("engine_logprobs", 0.0) if all(r.engine_logprobs is not None for r in rollouts) else None
+    return Rollout(torch.cat(input_ids), torch.cat(attention_mask), stack("response_mask", False),
+                   stack("logprobs", 0.0), stack("ref_logprobs", 0.0), stack("values", 0.0),
+                   torch.cat([r.scores for r in rollouts]), torch.cat([r.ended for r in rollouts]),
+                   [p for r in rollouts for p in r.prompts], [x for r in rollouts for x in r.responses],
+                   generate_s=sum(r.generate_s for r in rollouts), score_s=sum(r.score_s for r in rollouts),
+                   engine_logprobs=engine)
+
+
 # --- sampling -------------------------------------------------------------------
 
 

@@ -6,6 +6,19 @@ positions never change a result, and per-token outputs are 0 there.
 """
 
 from .advantages import gae
+from .estimators import (
+    ADVANTAGE_ESTIMATORS,
+    LOSS_AGGREGATIONS,
+    aggregation_weights,
+    broadcast_to_tokens,
+    dr_grpo_advantages,
+    grpo_advantages,
+    overlong_penalty,
+    reinforce_pp_advantages,
+    returns_to_go,
+    rloo_advantages,
+    uniform_groups,
+)
 from .kl import AdaptiveKLController, FixedKLController, KL_ESTIMATORS, kl_loss, kl_per_token
 from .logprobs import entropy_from_logits, logprobs_from_logits
 from .losses import clipped_policy_loss, clipped_value_loss, entropy_loss, lm_loss, pairwise_loss
@@ -44,6 +57,18 @@ __all__ = [
     "RunningMoments",
     # advantages.py
     "gae",
+    # estimators.py
+    "ADVANTAGE_ESTIMATORS",
+    "LOSS_AGGREGATIONS",
+    "grpo_advantages",
+    "dr_grpo_advantages",
+    "rloo_advantages",
+    "returns_to_go",
+    "reinforce_pp_advantages",
+    "broadcast_to_tokens",
+    "aggregation_weights",
+    "overlong_penalty",
+    "uniform_groups",
     # losses.py
     "clipped_policy_loss",
     "clipped_value_loss",

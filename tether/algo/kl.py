@@ -45,6 +45,7 @@ def kl_loss(
     mask: Tensor,
     estimator: str = "k3",
     num_tokens: float | None = None,
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """KL to the reference as a loss term added to the policy loss (GRPO style).
 
@@ -70,7 +71,7 @@ def kl_loss(
     logprobs = _zero_masked(logprobs, mask)
     ref_logprobs = _zero_masked(ref_logprobs, mask)
     per_token = kl_per_token(logprobs, ref_logprobs, estimator)  # (B, R), 0 where masked
-    loss = _reduce_loss(per_token, mask, num_tokens)
+    loss = _reduce_loss(per_token, mask, num_tokens, weights)
     mean = masked_mean(per_token, mask).detach()
     return loss, {"loss": mean, "kl": mean}
 

@@ -4,6 +4,8 @@ Every loss returns ``(loss, stats)``; ``stats`` maps names to *detached 0-dim* t
 Token losses take ``num_tokens``: None -> masked mean over this call's tokens; a number ->
 ``masked_sum(per_token) / num_tokens``, so micro-batches of one minibatch, each divided by
 the minibatch's total real-token count, sum to exactly the one-pass loss and gradient.
+``weights`` (B, R), where a loss takes them, replace that normalisation: the loss is
+``masked_sum(weights * per_token)`` (the loss aggregation modes of algo/estimators.py).
 Stats are always masked means over *this* call's real tokens (the trainer weights them).
 """
 
@@ -55,6 +57,7 @@ def clipped_policy_loss(
     clip_eps_high: float | None = None,
     dual_clip: float | None = None,
     num_tokens: float | None = None,
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate loss (Schulman et al. 2017, eq. 7), per token.
 
@@ -97,7 +100,7 @@ def clipped_policy_loss(
         per_token = torch.where(advantages < 0, torch.minimum(per_token, cap), per_token)
         stats["dual_clipfrac"] = masked_mean(dual.to(per_token.dtype), mask).detach()
 
-    loss = _reduce_loss(per_token, mask, num_tokens)
+    loss = _reduce_loss(per_token, mask, num_tokens, weights)  # weights: (B, R) loss aggregation, else token mean
     with torch.no_grad():
         stats.update(
             loss=masked_mean(per_token, mask),
@@ -157,7 +160,7 @@ def clipped_value_loss(
 
 
 def entropy_loss(
-    entropy: Tensor, mask: Tensor, num_tokens: float | None = None
+    entropy: Tensor, mask: Tensor, num_tokens: float | None = None, weights: Tensor | None = None
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Entropy bonus as a loss: ``-mean(entropy)`` over real tokens (PPO eq. 9, the S term).
 
@@ -167,7 +170,7 @@ def entropy_loss(
     """
     _check_same_shape(entropy=entropy, mask=mask)
     entropy = _zero_masked(_upcast(entropy), mask)
-    loss = _reduce_loss(-entropy, mask, num_tokens)
+    loss = _reduce_loss(-entropy, mask, num_tokens, weights)
     mean_entropy = masked_mean(entropy, mask).detach()
     return loss, {"loss": -mean_entropy, "entropy": mean_entropy}
 

@@ -123,12 +123,17 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
         return torch.where(var_returns > 0, 1.0 - var_error / safe, torch.zeros_like(var_returns))
 
 
-def _reduce_loss(per_token: Tensor, mask: Tensor, num_tokens: float | Tensor | None) -> Tensor:
-    """Masked mean of ``per_token``, or ``masked_sum / num_tokens`` when ``num_tokens`` is given.
+def _reduce_loss(per_token: Tensor, mask: Tensor, num_tokens: float | Tensor | None,
+                 weights: Tensor | None = None) -> Tensor:
+    """Masked mean of ``per_token``, or ``masked_sum / num_tokens`` when ``num_tokens`` is given,
+    or ``masked_sum(weights * per_token)`` with (B, R) ``weights`` (a loss aggregation mode,
+    tether/algo/estimators.py: aggregation_weights).
 
     Dividing every micro-batch by the *whole* minibatch's token count makes the summed
     micro-batch losses (and grads) equal the one-pass masked mean exactly.
     """
+    if weights is not None:
+        return masked_sum(per_token * weights, mask)
     if num_tokens is None:
         return masked_mean(per_token, mask)
     if not isinstance(num_tokens, Tensor) and not num_tokens > 0:

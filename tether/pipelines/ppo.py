@@ -121,6 +121,10 @@ def join_ranks(cfg) -> None:
     if device.type == "cuda" and cfg.device in ("auto", "cuda"):
         cfg.device = f"cuda:{distributed.local_rank()}"
     # The micro-batch is the smallest share: when it splits evenly, so do minibatch and batch.
+    # With samples_per_prompt, ranks share prompts (a prompt's group stays on one rank).
+    if getattr(cfg, "samples_per_prompt", 1) > 1 and cfg.batch_size % world:
+        raise ConfigError(f"batch_size = {cfg.batch_size} prompts do not split into {world} equal shares, one per "
+                          f"rank (each rank samples its prompts samples_per_prompt times); make it a multiple of {world}")
     if cfg.micro_batch_size % world:
         per = "num_minibatches / " if hasattr(cfg, "num_minibatches") else ""
         raise ConfigError(f"batch_size = {cfg.batch_size}: its micro-batch of {cfg.micro_batch_size} (batch_size / "
@@ -216,7 +220,7 @@ def build_roles(cfg: PPOConfig, tokenizer, dtype, device, reward_fn=None):
     else:
         reference = frozen_copy(policy)
     reward = reward_fn or load_model_reward(cfg, tokenizer, dtype, device, policy)
-    critic = load_critic(cfg, tokenizer, dtype, device)
+    critic = load_critic(cfg, tokenizer, dtype, device) if cfg.uses_critic else None  # critic-free: none at all
     return SeparateRoles(policy, reference, critic, reward)
 
 
@@ -254,9 +258,11 @@ def build_shared_base_roles(cfg: PPOConfig, tokenizer, dtype, device, reward_fn=
     settings = lora_settings(cfg)
     model = add_lora(base, settings, adapter="policy")
     hidden = base.config.get_text_config().hidden_size
-    value_head = nn.Linear(hidden, 1).to(device=device, dtype=dtype)
-    nn.init.zeros_(value_head.weight)  # the first values are 0, not noise (N-details item 6)
-    nn.init.zeros_(value_head.bias)
+    value_head = None
+    if cfg.uses_critic:  # critic-free estimators: no critic adapter, no value head
+        value_head = nn.Linear(hidden, 1).to(device=device, dtype=dtype)
+        nn.init.zeros_(value_head.weight)  # the first values are 0, not noise (N-details item 6)
+        nn.init.zeros_(value_head.bias)
     reward_head = reward = reward_eos_ids = None
     if reward_fn is None and is_lora_reward_dir(cfg.reward_model):
         if not same_base(adapter_base_path(cfg.reward_model), cfg.policy):
@@ -266,16 +272,17 @@ def build_shared_base_roles(cfg: PPOConfig, tokenizer, dtype, device, reward_fn=
                              "model on the policy's base, or use placement=separate")
         add_adapter_from_dir(model, "reward", cfg.reward_model, trainable=False)
         reward_head = load_score_head(cfg.reward_model, hidden, dtype).to(device)
-        # Critic from the reward model (N+ details; InstructGPT): its adapter and head, then trained.
-        add_adapter_from_dir(model, "critic", cfg.reward_model, trainable=True)
-        value_head.load_state_dict(reward_head.state_dict())
+        if value_head is not None:  # critic from the reward model (N+ details; InstructGPT): its adapter and head
+            add_adapter_from_dir(model, "critic", cfg.reward_model, trainable=True)
+            value_head.load_state_dict(reward_head.state_dict())
         reward_eos_ids = reward_eos(tokenizer, base) if cfg.reward_append_eos else None
     else:
         if cfg.reward_model and is_adapter_dir(cfg.reward_model):
             raise ValueError(f"reward model {cfg.reward_model} is a LoRA adapter without a score head "
                              "(score_head.safetensors); train it with `tether reward lora_rank=...`")
         reward = reward_fn or load_model_reward(cfg, tokenizer, dtype, device, base)
-        add_adapter(model, "critic", settings)
+        if value_head is not None:
+            add_adapter(model, "critic", settings)
     model.set_adapter("policy")
     return SharedBaseRoles(model, value_head, reward_head, reward, reward_eos_ids)
 

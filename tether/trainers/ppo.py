@@ -32,21 +32,30 @@ from tether.algo import (
     AdaptiveKLController,
     FixedKLController,
     RunningMoments,
+    aggregation_weights,
     apply_missing_eos_penalty,
+    broadcast_to_tokens,
     clip_scores,
     clipped_policy_loss,
     clipped_value_loss,
     entropy_from_logits,
     entropy_loss,
     explained_variance,
+    dr_grpo_advantages,
     gae,
+    grpo_advantages,
     kl_loss,
     lm_loss,
     logprobs_from_logits,
     masked_mean,
     masked_var,
     masked_whiten,
+    overlong_penalty,
+    reinforce_pp_advantages,
+    returns_to_go,
+    rloo_advantages,
     shape_rewards,
+    uniform_groups,
 )
 from tether.checkpoint import read_trainer_state, rng_state, seed_everything, set_rng_state
 from tether.config import PPOConfig
@@ -55,7 +64,7 @@ from tether.doctor import Doctor, distinct_n
 from tether.generation import BuiltinSampler, GenerationBackend, logprob_gap
 from tether.models import eos_token_ids
 from tether.roles import Roles
-from tether.rollout import GenerationSettings, Rollout, collect_rollout, select_rows
+from tether.rollout import GenerationSettings, Rollout, collect_rollout, concat_rollouts, select_rows
 from tether.sharding import full_optimizer_state, local_optimizer_state
 from tether.tracking import SampleWriter, Tracker
 from tether.trainers import adamw, clip_grad_norm
@@ -173,8 +182,10 @@ class PPOTrainer:
         # Disjoint parameter lists: one role's step never touches the other's weights or Adam moments.
         self.policy_optimizer, self.policy_scheduler = self._optimizer(roles.trainable("policy"), cfg.learning_rate,
                                                                        policy_steps)
-        self.critic_optimizer, self.critic_scheduler = self._optimizer(
+        # Critic-free estimators: no critic, so no critic optimizer (and no value loss, no value metrics).
+        self.critic_optimizer, self.critic_scheduler = (self._optimizer(
             roles.trainable("critic"), cfg.critic_learning_rate or cfg.learning_rate, total_steps)
+            if cfg.uses_critic else (None, None))
         self.doctor = Doctor(cfg)
         self.gold = gold  # a RewardSource never optimised: measures over-optimisation of the proxy
         self.eval_prompts = eval_prompts
@@ -272,10 +283,11 @@ class PPOTrainer:
                  "skipped": [self.skipped_updates, self.skipped_in_a_row, self.first_skip_reason],
                  "world_size": self.world}
         tensors = {"policy_optimizer": full_optimizer_state(self.policy_optimizer.state_dict()),
-                   "critic_optimizer": full_optimizer_state(self.critic_optimizer.state_dict()),
                    "policy_scheduler": self.policy_scheduler.state_dict(),
-                   "critic_scheduler": self.critic_scheduler.state_dict(),
                    "shuffle_rng": self.shuffle_generator.get_state(), **rng_tensors}
+        if self.critic_optimizer is not None:
+            tensors["critic_optimizer"] = full_optimizer_state(self.critic_optimizer.state_dict())
+            tensors["critic_scheduler"] = self.critic_scheduler.state_dict()
         if self.world > 1:
             state["ranks"] = [{"rng": r["rng"], "ptx_sampler": r["ptx_sampler"]} for r in per_rank]
             for index, r in enumerate(per_rank):
@@ -293,10 +305,12 @@ class PPOTrainer:
         state, tensors = read_trainer_state(path)
         if weights:
             self.roles.load(path)
-        for optimizer, key in ((self.policy_optimizer, "policy_optimizer"), (self.critic_optimizer, "critic_optimizer")):
-            optimizer.load_state_dict(local_optimizer_state(optimizer, tensors[key]))
-        self.policy_scheduler.load_state_dict(tensors["policy_scheduler"])
-        self.critic_scheduler.load_state_dict(tensors["critic_scheduler"])
+        pairs = [(self.policy_optimizer, self.policy_scheduler, "policy")]
+        if self.critic_optimizer is not None:
+            pairs.append((self.critic_optimizer, self.critic_scheduler, "critic"))
+        for optimizer, scheduler, role in pairs:
+            optimizer.load_state_dict(local_optimizer_state(optimizer, tensors[f"{role}_optimizer"]))
+            scheduler.load_state_dict(tensors[f"{role}_scheduler"])
         saved_world = state.get("world_size", 1)
         if saved_world == self.world:
             state, tensors = self._own_random_streams(state, tensors)
@@ -330,19 +344,22 @@ class PPOTrainer:
         """One PPO update; returns its metrics."""
         cfg = self.cfg
         start = time.perf_counter()
-        # 1. Rollout (no grad): sample and score with all four roles; each rank takes its share.
-        rollout = self.rollout(distributed.share(self.prompt_sampler.next_batch(cfg.batch_size)))
+        # 1. Rollout (no grad): sample and score with all the roles; each rank takes its share of the
+        # prompts and samples each samples_per_prompt times (a group, in adjacent rows).
+        rollout, sampling = self.collect(distributed.share(self.prompt_sampler.next_batch(cfg.batch_size)))
         rollout_s = time.perf_counter() - start
         bad = [b for b in distributed.gather_objects(self.non_finite_reason(rollout)) if b]
         if bad:  # before the score statistics or any weight see it; every rank skips together
             return self.skip_update(bad[0])
         # 2. Shape rewards: -β·KL_t per token, processed score on the last real token.
         raw_scores, scores = self.process_scores(rollout)
+        if cfg.advantage_estimator == "reinforce_pp_baseline":  # each score minus its group's mean (Hu 2025)
+            scores = dr_grpo_advantages(scores, cfg.samples_per_prompt)
         beta = self.kl_controller.value
         in_reward = beta if cfg.kl_placement == "reward" else 0.0
         rewards, kl, kl_reward = shape_rewards(scores, rollout.logprobs, rollout.ref_logprobs, rollout.response_mask,
                                                in_reward, cfg.kl_estimator)
-        # 3. Advantages: GAE over response tokens, whitened over the (global) batch's real tokens.
+        # 3. Advantages: GAE (whitened over the global batch's real tokens), or a critic-free estimator.
         batch = self.make_batch(rollout, rewards)
         # 4. Optimise: ppo_epochs passes over shuffled minibatches.
         train_start = time.perf_counter()
@@ -350,18 +367,19 @@ class PPOTrainer:
             opt_stats = self.optimise(batch)
         except NonFiniteError as err:  # that step was not applied; the rest of the update is abandoned
             for optimizer in (self.policy_optimizer, self.critic_optimizer):
-                optimizer.zero_grad(set_to_none=True)  # nothing accumulated so far may leak into the next step
+                if optimizer is not None:
+                    optimizer.zero_grad(set_to_none=True)  # nothing accumulated so far may leak into the next step
             return self.skip_update(str(err))
         train_s = time.perf_counter() - train_start
         self.skipped_in_a_row = 0
         # 5. Control: the KL controller sees the mean summed KL per response (Ziegler et al. 2019).
         kl_per_response = distributed.gather_rows(kl.sum(-1)).mean().item()
-        self.kl_controller.update(kl_per_response, cfg.batch_size)
+        self.kl_controller.update(kl_per_response, cfg.rollout_size)
         self.generation.sync_weights(self.roles)  # the next rollout samples from the updated policy
         self.update += 1
         metrics = {
             **self.rollout_metrics(rollout, raw_scores, rewards, kl_reward, kl_per_response, beta, batch),
-            **opt_stats,
+            **opt_stats, **sampling,
             "time/rollout_s": rollout_s, "time/generate_s": rollout.generate_s, "time/score_s": rollout.score_s,
             "time/train_s": train_s, "time/update_s": time.perf_counter() - start,
             "ppo/skipped_updates": float(self.skipped_updates),
@@ -393,6 +411,34 @@ class PPOTrainer:
             self.tracker.log(metrics, self.update)
         return metrics
 
+    def collect(self, prompts: list[int]) -> tuple[Rollout, dict[str, float]]:
+        """This rank's rollout: every prompt sampled samples_per_prompt times, in adjacent rows. With
+        dynamic_sampling (DAPO), groups whose scores are all equal (zero group advantage) are dropped
+        and further prompts sampled to refill, up to dynamic_sampling_max_rounds extra rounds; what is
+        then still missing is filled with dropped groups. Every rank samples every round together."""
+        cfg, n = self.cfg, self.cfg.samples_per_prompt
+        rollout = self.rollout([i for i in prompts for _ in range(n)])
+        if not cfg.dynamic_sampling:
+            return rollout, {}
+        wanted, good, spare, uniform, rounds = len(prompts), [], [], 0, 0
+        while True:
+            flat = uniform_groups(rollout.scores, n)
+            uniform += int(flat.sum())
+            rows = torch.arange(len(rollout)).view(-1, n)
+            good += [select_rows(rollout, rows[g]) for g in range(len(flat)) if not flat[g]]
+            spare += [select_rows(rollout, rows[g]) for g in range(len(flat)) if flat[g]]
+            if rounds == cfg.dynamic_sampling_max_rounds or not distributed.any_rank(len(good) < wanted):
+                break
+            rounds += 1  # every rank draws the next prompts, so the prompt stream stays the same on all
+            more = distributed.share(self.prompt_sampler.next_batch(cfg.batch_size))
+            rollout = self.rollout([i for i in more for _ in range(n)])
+        groups = (good + spare)[:wanted]
+        refilled = max(0, wanted - len(good))
+        uniform, refilled = distributed.sum_floats([float(uniform), float(refilled)])
+        return concat_rollouts(groups, self.tokenizer.pad_token_id), {
+            "sampling/uniform_groups": uniform, "sampling/extra_rounds": float(rounds),
+            "sampling/kept_uniform_groups": refilled}
+
     def rollout(self, indices: list[int]) -> Rollout:
         prompt_ids, prompt_mask = left_pad([self.prompts[i] for i in indices], self.tokenizer.pad_token_id)
         self.roles.eval()
@@ -414,6 +460,10 @@ class PPOTrainer:
         if cfg.missing_eos_penalty is not None:
             scores = apply_missing_eos_penalty(scores, rollout.ended, cfg.missing_eos_penalty)
         logged = scores
+        if cfg.overlong_buffer:  # DAPO's soft overlong punishment, part of the training reward only
+            self._overlong = overlong_penalty(rollout.response_mask.sum(-1), cfg.max_new_tokens, cfg.overlong_buffer,
+                                              cfg.overlong_penalty)
+            scores = scores + self._overlong
         if cfg.normalize_scores:
             self.score_moments.update(distributed.gather_rows(scores))  # the whole batch's statistics
             scores = self.score_moments.normalize(scores)
@@ -422,15 +472,34 @@ class PPOTrainer:
         return logged, scores
 
     def make_batch(self, rollout: Rollout, rewards: Tensor) -> PPOBatch:
-        mask = rollout.response_mask
-        advantages, returns = gae(rewards, rollout.values, mask, self.cfg.gamma, self.cfg.lam)
+        advantages, returns = self.advantages(rollout, rewards)
+        return PPOBatch(rollout.input_ids, rollout.attention_mask, rollout.response_mask, rollout.logprobs,
+                        rollout.ref_logprobs, rollout.values, advantages, returns, rollout.trunk, rollout.graph)
+
+    def advantages(self, rollout: Rollout, rewards: Tensor) -> tuple[Tensor, Tensor]:
+        """(advantages, returns), both (B, R), by `advantage_estimator`. Statistics over the batch use
+        every rank's rows; groups never straddle ranks (each rank holds whole prompts)."""
+        cfg, mask = self.cfg, rollout.response_mask
+        estimator = cfg.advantage_estimator
+        if estimator == "gae":
+            advantages, returns = gae(rewards, rollout.values, mask, cfg.gamma, cfg.lam)
+            whiten = cfg.whiten_advantages
+        elif estimator.startswith("reinforce_pp"):  # returns-to-go (gamma 1), whitened over the batch
+            advantages = returns = returns_to_go(rewards, mask)
+            whiten = True
+        else:  # one advantage per response from its return, given to every token of it
+            sequence_returns = (rewards * mask).sum(-1)  # (B,) score + the KL shaping in the reward
+            group = {"grpo": grpo_advantages, "dr_grpo": dr_grpo_advantages, "rloo": rloo_advantages}[estimator]
+            advantages = broadcast_to_tokens(group(sequence_returns, cfg.samples_per_prompt), mask)
+            returns = broadcast_to_tokens(sequence_returns, mask)
+            whiten = False
         every_advantage, every_mask = distributed.gather_rows(advantages), distributed.gather_rows(mask)
         self._raw_advantage_mean = masked_mean(every_advantage, every_mask).item()
-        if self.cfg.whiten_advantages:  # mean and variance over every rank's tokens
+        if whiten:  # mean and variance over every rank's tokens
             moments = (masked_mean(every_advantage, every_mask), masked_var(every_advantage, every_mask))
-            advantages = masked_whiten(advantages, mask, moments=moments)
-        return PPOBatch(rollout.input_ids, rollout.attention_mask, mask, rollout.logprobs, rollout.ref_logprobs,
-                        rollout.values, advantages, returns, rollout.trunk, rollout.graph)
+            advantages = (reinforce_pp_advantages(rewards, mask, moments) if estimator.startswith("reinforce_pp")
+                          else masked_whiten(advantages, mask, moments=moments))
+        return advantages, returns
 
     # --- optimisation --------------------------------------------------------------
 
@@ -464,7 +533,8 @@ class PPOTrainer:
         metrics["ppo/optimizer_steps"] = float(steps)
         metrics["ppo/early_stopped"] = float(stopped)
         metrics["policy/lr"] = self.policy_scheduler.get_last_lr()[0]
-        metrics["value/lr"] = self.critic_scheduler.get_last_lr()[0]
+        if self.critic_scheduler is not None:
+            metrics["value/lr"] = self.critic_scheduler.get_last_lr()[0]
         return metrics
 
     def optimizer_step(self, minibatch: PPOBatch) -> dict[str, float]:
@@ -472,13 +542,13 @@ class PPOTrainer:
         cfg = self.cfg
         # Token-level normalisation over the whole minibatch (every rank's share): accumulating k
         # micro-batches, then summing over ranks, gives exactly the gradient of one pass over it.
-        num_tokens = distributed.sum_floats([minibatch.response_mask.sum().item()])[0]
+        num_tokens, num_sequences = distributed.sum_floats([minibatch.response_mask.sum().item(), len(minibatch)])
         stats: dict[str, float] = defaultdict(float)
         ratio_max = 0.0
         for micro_index in torch.arange(len(minibatch)).split(self.local_micro_batch_size):
             micro = select_rows(minibatch, micro_index.to(minibatch.input_ids.device))
             weight = micro.response_mask.sum().item() / num_tokens
-            micro_stats = self.micro_step(micro, num_tokens)
+            micro_stats = self.micro_step(micro, num_tokens, num_sequences)
             for key, value in micro_stats.items():
                 if key == "policy/ratio_max":
                     ratio_max = max(ratio_max, value)
@@ -490,23 +560,26 @@ class PPOTrainer:
         stats["ptx/loss"] = self.ptx_backward() if self.ptx_sampler is not None and not frozen else 0.0
         stats["policy/grad_norm"] = 0.0 if frozen else self._clip_and_step(
             self.policy_optimizer, self.policy_scheduler, "policy")
-        stats["value/grad_norm"] = self._clip_and_step(self.critic_optimizer, self.critic_scheduler, "value")
+        if self.critic_optimizer is not None:
+            stats["value/grad_norm"] = self._clip_and_step(self.critic_optimizer, self.critic_scheduler, "value")
         return dict(stats)
 
     def policy_frozen(self) -> bool:
         """During critic warmup the policy is measured but not trained."""
         return self.update < self.cfg.critic_warmup_updates
 
-    def micro_step(self, micro: PPOBatch, num_tokens: float) -> dict[str, float]:
+    def micro_step(self, micro: PPOBatch, num_tokens: float, num_sequences: float) -> dict[str, float]:
         """Forward + backward of policy and critic losses on one micro-batch."""
         cfg = self.cfg
         length = micro.response_mask.shape[1]
         frozen = self.policy_frozen()
         with torch.set_grad_enabled(not frozen):
-            loss, stats = self.policy_loss(micro, num_tokens)
+            loss, stats = self.policy_loss(micro, num_tokens, num_sequences)
         if not frozen:
             _check_finite(loss, "policy loss", self.update)
             loss.backward()
+        if self.critic_optimizer is None:  # critic-free estimators
+            return stats
         values = (micro.graph[1] if micro.graph is not None
                   else self.roles.values(micro.input_ids, micro.attention_mask, length, micro.trunk))
         v_loss, vs = clipped_value_loss(values, micro.old_values, micro.returns, micro.response_mask,
@@ -515,23 +588,28 @@ class PPOTrainer:
         (cfg.vf_coef * v_loss).backward()
         return {**stats, "value/loss": vs["loss"].item(), "value/clipfrac": vs["clipfrac"].item()}
 
-    def policy_loss(self, micro: PPOBatch, num_tokens: float) -> tuple[Tensor, dict[str, float]]:
-        """Clipped surrogate (+ KL in the loss, − entropy bonus) on one micro-batch, and its statistics."""
+    def policy_loss(self, micro: PPOBatch, num_tokens: float, num_sequences: float) -> tuple[Tensor, dict[str, float]]:
+        """Clipped surrogate (+ KL in the loss, − entropy bonus) on one micro-batch, and its statistics.
+        Every term combines its tokens by `loss_aggregation`, with whole-minibatch denominators."""
         cfg = self.cfg
         mask = micro.response_mask
+        weights = None if cfg.loss_aggregation == "token_mean" else aggregation_weights(
+            mask, cfg.loss_aggregation, num_tokens, num_sequences, cfg.max_new_tokens)
         length = mask.shape[1]
         logits = micro.graph[0] if micro.graph is not None else self.roles.policy_logits(
             micro.input_ids, micro.attention_mask, length, self.tokenizer.pad_token_id, micro.trunk)
         logprobs = logprobs_from_logits(logits, micro.input_ids[:, -length:], cfg.temperature)
         # PPO eq. 7 (clipped surrogate); ratio is exactly 1 on the first minibatch (N-details item 15).
         loss, pg = clipped_policy_loss(logprobs, micro.old_logprobs, micro.advantages, mask, cfg.clip_eps,
-                                       cfg.clip_eps_low, cfg.clip_eps_high, cfg.dual_clip, num_tokens=num_tokens)
+                                       cfg.clip_eps_low, cfg.clip_eps_high, cfg.dual_clip, num_tokens=num_tokens,
+                                       weights=weights)
         if cfg.kl_placement == "loss":
-            kl_term, _ = kl_loss(logprobs, micro.ref_logprobs, mask, cfg.kl_estimator, num_tokens=num_tokens)
+            kl_term, _ = kl_loss(logprobs, micro.ref_logprobs, mask, cfg.kl_estimator, num_tokens=num_tokens,
+                                 weights=weights)
             loss = loss + self.kl_controller.value * kl_term
         if cfg.entropy_coef > 0:
             entropy = entropy_from_logits(logits, cfg.temperature)
-            ent_loss, _ = entropy_loss(entropy, mask, num_tokens=num_tokens)
+            ent_loss, _ = entropy_loss(entropy, mask, num_tokens=num_tokens, weights=weights)
             loss = loss + cfg.entropy_coef * ent_loss
         else:
             entropy = entropy_from_logits(logits.detach(), cfg.temperature)
@@ -580,17 +658,22 @@ class PPOTrainer:
             self._last_gold = self.gold.score(rollout.prompts, rollout.responses, rollout.input_ids,
                                               rollout.attention_mask)
             gold = {"gold/score": g(self._last_gold.float()).mean().item()}
+        critic = {}
+        if self.critic_optimizer is not None:
+            critic = {"value/explained_variance": explained_variance(values, returns, mask).item(),
+                      "value/mean": masked_mean(values, mask).item()}
+        overlong = {"reward/overlong_penalty": g(self._overlong).mean().item()} if self.cfg.overlong_buffer else {}
         return {
-            **gold,
+            **gold, **critic, **overlong,
             **self.engine_gap_metrics(rollout),
+            "batch/prompts": float(len(scores) // self.cfg.samples_per_prompt),
+            "batch/responses": float(len(scores)),
             "reward/score": scores.mean().item(),
             "reward/score_std": scores.std(unbiased=False).item(),
             "reward/kl_penalty": g(kl_reward.sum(-1)).mean().item(),
             "reward/total": g(rewards.sum(-1)).mean().item(),
             "kl/mean": kl_per_response,
             "kl/coef": beta,
-            "value/explained_variance": explained_variance(values, returns, mask).item(),
-            "value/mean": masked_mean(values, mask).item(),
             "returns/mean": masked_mean(returns, mask).item(),
             "advantages/mean": self._raw_advantage_mean,
             "response/length": mask.sum(-1).float().mean().item(),
