@@ -100,11 +100,17 @@ CASES = {
         algo.clipped_value_loss, ["values", "old_values", "returns"], clip_eps=None
     ),
     "entropy_loss": token_case(algo.entropy_loss, ["entropy"]),
+    "clipped_policy_loss_weights": token_case(
+        algo.clipped_policy_loss, ["logprobs", "old_logprobs", "advantages"], weights=torch.full((B, R), 0.1)
+    ),
+    "returns_to_go": token_case(algo.returns_to_go, ["rewards"]),
+    "reinforce_pp_advantages": token_case(algo.reinforce_pp_advantages, ["rewards"]),
     "lm_loss": lm_loss_case(),
     "lm_loss_num_tokens": lm_loss_case(num_tokens=11.0),
 }
-# last_token_index reads nothing but the mask, so there is nothing to fill with garbage.
-MASK_ONLY = {"last_token_index"}
+# These read nothing per token but the mask (broadcast_to_tokens takes one value per response),
+# so there is nothing to fill with garbage.
+MASK_ONLY = {"last_token_index", "aggregation_weights", "broadcast_to_tokens"}
 # append_missing_eos passes ids through unchanged, garbage in pads included; tested in test_algo_rewards.
 PASS_THROUGH = {"append_missing_eos"}
 
@@ -264,3 +270,37 @@ def test_import_pulls_in_no_transformers():
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("mode", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"])
+@pytest.mark.parametrize("name", ["policy", "entropy", "kl"])
+@pytest.mark.parametrize("splits", [[slice(0, 2), slice(2, 4)], [slice(i, i + 1) for i in range(4)]])
+def test_loss_aggregation_micro_batches_equal_one_pass(mode, name, splits):
+    """Every loss_aggregation mode: micro-batch weights with whole-minibatch denominators give exactly
+    the one-pass loss and gradient (gradient accumulation stays exact)."""
+    gen = torch.Generator().manual_seed(11)
+    mask = torch.rand(4, R, generator=gen) < 0.7
+    mask[:, :2] = True
+    a = (-torch.rand(4, R, generator=gen, dtype=torch.float64) * 2).requires_grad_()
+    b = a.detach() + torch.randn(4, R, generator=gen, dtype=torch.float64) * 0.5
+    c = torch.randn(4, R, generator=gen, dtype=torch.float64)
+    tokens, sequences = float(mask.sum()), 4.0
+
+    def fn(s):
+        w = algo.aggregation_weights(mask[s], mode, tokens, sequences, R).double()
+        if name == "policy":
+            return algo.clipped_policy_loss(a[s], b[s], c[s], mask[s], weights=w)[0]
+        if name == "entropy":
+            return algo.entropy_loss(a[s], mask[s], weights=w)[0]
+        return algo.kl_loss(a[s], b[s], mask[s], "k3", weights=w)[0]
+
+    full = fn(slice(None))
+    (full_grad,) = torch.autograd.grad(full, a)
+    summed, accumulated = 0.0, torch.zeros_like(a)
+    for s in splits:
+        loss = fn(s)
+        (grad,) = torch.autograd.grad(loss, a)
+        summed, accumulated = summed + loss.detach(), accumulated + grad
+    torch.testing.assert_close(summed, full.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(accumulated, full_grad, rtol=1e-12, atol=1e-12)
+    assert full_grad.abs().sum() > 0
