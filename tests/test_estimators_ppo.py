@@ -121,3 +121,14 @@ def test_k1_in_the_loss_runs_only_when_insisted_on_with_a_warning(tiny_dirs, tmp
     cfg = config(tiny_dirs, tmp_path, kl_placement="loss", kl_estimator="k1", allow_k1_kl_loss=True)
     cfg.validate()
     assert "zero in expectation" in caplog.text
+
+
+def test_samples_show_one_response_per_prompt_group(tiny_dirs, tmp_path):
+    distinct = tmp_path / "distinct.jsonl"
+    distinct.write_text("".join(json.dumps({"prompt": f"the {w}"}) + "\n" for w in
+                                ("cat", "dog", "sun", "sea", "car", "day", "man", "boy")))
+    trainer = build_ppo_trainer(config(tiny_dirs, tmp_path, advantage_estimator="rloo", samples_per_prompt=4,
+                                       num_samples=2, sample_every=1, prompts=str(distinct)))
+    trainer.step()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and rows[0]["prompt"] != rows[1]["prompt"]  # not two samples of one prompt

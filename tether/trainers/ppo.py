@@ -704,10 +704,11 @@ class PPOTrainer:
         due = self.update == 1 or self.update == cfg.total_updates or (
             cfg.sample_every and self.update % cfg.sample_every == 0)
         if self.samples is not None and due and cfg.num_samples:
-            n = cfg.num_samples
-            extra = {"gold": self._last_gold[:n].tolist()} if self.gold is not None else {}
-            self.samples.write(self.update, rollout.prompts[:n], rollout.responses[:n], raw_scores[:n].tolist(),
-                               split=["train"] * len(rollout.prompts[:n]), **extra)
+            # One response per prompt group (the first of its samples_per_prompt), so they are different prompts.
+            rows = list(range(0, len(rollout), cfg.samples_per_prompt))[: cfg.num_samples]
+            extra = {"gold": [self._last_gold[i].item() for i in rows]} if self.gold is not None else {}
+            self.samples.write(self.update, [rollout.prompts[i] for i in rows], [rollout.responses[i] for i in rows],
+                               [raw_scores[i].item() for i in rows], split=["train"] * len(rows), **extra)
 
     def say(self, warnings: list[str]) -> None:
         """The doctor's findings go to the log and to doctor.jsonl, which the report shows."""
