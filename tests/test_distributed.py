@@ -55,6 +55,9 @@ PLACEMENTS = {
     "separate": dict(placement="separate", reward_model="REWARD_MODEL", reward_fn=None),
     # LoRA on one base; two micro-batches per minibatch: token counts summed over ranks and micro-batches
     "shared_base": dict(placement="shared_base", lora_rank=4, lora_alpha=8.0, gradient_accumulation_steps=2),
+    # no critic; 4 prompts x 2 samples, shared by prompt (a group never straddles ranks); a mean per response
+    "critic_free_groups": dict(advantage_estimator="reinforce_pp", samples_per_prompt=2, batch_size=4,
+                               loss_aggregation="seq_mean_token_mean"),
 }
 
 
