@@ -19,12 +19,39 @@ WORKER = Path(__file__).with_name("dist_worker.py")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def torchrun(ranks: int, values: dict) -> None:
+def launch(ranks: int, args: list[str]) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=ranks ARGS` on CPU, one thread per rank."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-                          str(WORKER), json.dumps(values)], capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+                           *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+def succeeded(out: subprocess.CompletedProcess) -> None:
     first = max(out.stderr.find("Traceback"), 0)  # a rank's own error, before torchrun's summary
     assert out.returncode == 0, out.stderr[first : first + 4000] + "\n...\n" + out.stderr[-1500:]
+
+
+def torchrun(ranks: int, values: dict) -> None:
+    """A PPO run of tests/dist_worker.py with these config values."""
+    succeeded(launch(ranks, [str(WORKER), json.dumps(values)]))
+
+
+def torchrun_stage(ranks: int, stage: str, args: dict) -> None:
+    """`torchrun ... -m tether STAGE key=value ...`, the command a user types."""
+    succeeded(launch(ranks, ["-m", "tether", stage, *[f"{k}={v}" for k, v in args.items()]]))
+
+
+def assert_same_metrics_and_files(one: Path, two: Path) -> None:
+    """Every logged value of run `two` equals run `one`'s (times aside), one line per step (rank 0
+    alone wrote), and the two run directories hold the same files."""
+    rows1, rows2 = metrics(one), metrics(two)
+    assert len(rows2) == len(rows1)
+    for m1, m2 in zip(rows1, rows2, strict=True):
+        for key, value in m1.items():
+            if not key.startswith("time/"):
+                assert m2[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+    listing = sorted(str(p.relative_to(two)) for p in two.rglob("*"))
+    assert listing == sorted(str(p.relative_to(one)) for p in one.rglob("*"))
 
 
 def run_values(tiny_dirs, out: Path, **extra) -> dict:
@@ -126,11 +153,7 @@ def test_resume_under_two_ranks_is_exact_and_rank_zero_alone_writes(tiny_dirs, t
 
 
 def test_a_batch_that_does_not_split_into_equal_shares_is_refused(tiny_dirs, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(WORKER), json.dumps(run_values(tiny_dirs, tmp_path / "odd", batch_size=5,
-                                                             num_minibatches=1))],
-                         capture_output=True, text=True, env=env, timeout=600)
+    out = launch(2, [str(WORKER), json.dumps(run_values(tiny_dirs, tmp_path / "odd", batch_size=5, num_minibatches=1))])
     assert out.returncode != 0
     assert "does not split into 2 equal shares" in out.stderr
     assert not (tmp_path / "odd").exists()
@@ -149,23 +172,12 @@ def test_sft_on_two_ranks_makes_the_same_steps_as_one_rank(tmp_path):
         args = dict(data=data, output_dir=runs[ranks], init="scratch", vocab_size=256, hidden=32, layers=1, heads=2,
                     block_size=32, batch_size=8, gradient_accumulation_steps=2, max_steps=6, learning_rate=3e-3,
                     eval_every=3, eval_fraction=0.1, progress="false", seed=0, dropout=0.0, save_every=3)
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                              f"--nproc_per_node={ranks}", "-m", "tether", "sft", *[f"{k}={v}" for k, v in args.items()]],
-                             capture_output=True, text=True, env=env, timeout=600)
-        assert out.returncode == 0, out.stderr[-3000:]
+        torchrun_stage(ranks, "sft", args)
     one, two = weights(runs[1]), weights(runs[2])
     assert one.keys() == two.keys()
     for key in one:
         assert torch.allclose(one[key], two[key], atol=1e-5, rtol=0), key
-    rows1, rows2 = metrics(runs[1]), metrics(runs[2])
-    assert len(rows2) == len(rows1)  # one line per step: rank 0 alone wrote
-    for m1, m2 in zip(rows1, rows2, strict=True):
-        for key, value in m1.items():
-            if not key.startswith("time/"):
-                assert m2[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
-    listing = sorted(str(p.relative_to(runs[2])) for p in runs[2].rglob("*"))
-    assert listing == sorted(str(p.relative_to(runs[1])) for p in runs[1].rglob("*"))
+    assert_same_metrics_and_files(runs[1], runs[2])
 
 
 def test_reward_training_on_two_ranks_makes_the_same_steps_as_one_rank(tiny_dirs, tmp_path):
@@ -183,12 +195,7 @@ def test_reward_training_on_two_ranks_makes_the_same_steps_as_one_rank(tiny_dirs
         args = dict(model=tiny_dirs["gpt2"], data=train, eval_data=held_out, output_dir=runs[ranks], batch_size=8,
                     gradient_accumulation_steps=2, epochs=1.0, learning_rate=3e-3, max_length=64, eval_every=2,
                     save_every=2, progress="false", seed=0)
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                              f"--nproc_per_node={ranks}", "-m", "tether", "reward",
-                              *[f"{k}={v}" for k, v in args.items()]],
-                             capture_output=True, text=True, env=env, timeout=600)
-        assert out.returncode == 0, out.stderr[-3000:]
+        torchrun_stage(ranks, "reward", args)
     one, two = weights(runs[1]), weights(runs[2])
     assert one.keys() == two.keys()
     # The final norm's bias shifts chosen and rejected scores alike: its gradient is zero, exactly so
@@ -199,11 +206,5 @@ def test_reward_training_on_two_ranks_makes_the_same_steps_as_one_rank(tiny_dirs
     for key in one:
         tolerance = 3e-3 * 5 if key in untouched else 1e-5
         assert torch.allclose(one[key], two[key], atol=tolerance, rtol=0), key
-    rows1, rows2 = metrics(runs[1]), metrics(runs[2])
-    assert len(rows1) == len(rows2) == 5  # 36 pairs / 8 per step, one line per step: rank 0 alone wrote
-    for m1, m2 in zip(rows1, rows2, strict=True):
-        for key, value in m1.items():
-            if not key.startswith("time/"):
-                assert m2[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
-    listing = sorted(str(p.relative_to(runs[2])) for p in runs[2].rglob("*"))
-    assert listing == sorted(str(p.relative_to(runs[1])) for p in runs[1].rglob("*"))
+    assert len(metrics(runs[1])) == 5  # 36 pairs / 8 per step
+    assert_same_metrics_and_files(runs[1], runs[2])

@@ -7,7 +7,6 @@ positions never change a result, and per-token outputs are 0 there.
 
 from .advantages import gae
 from .estimators import (
-    ADVANTAGE_ESTIMATORS,
     LOSS_AGGREGATIONS,
     aggregation_weights,
     broadcast_to_tokens,
@@ -58,7 +57,6 @@ __all__ = [
     # advantages.py
     "gae",
     # estimators.py
-    "ADVANTAGE_ESTIMATORS",
     "LOSS_AGGREGATIONS",
     "grpo_advantages",
     "dr_grpo_advantages",

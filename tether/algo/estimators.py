@@ -14,10 +14,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .masked import _as_bool_mask, _zero_masked, masked_mean, masked_var
+from .masked import _as_bool_mask, _zero_masked, masked_whiten
 
 __all__ = [
-    "ADVANTAGE_ESTIMATORS",
     "LOSS_AGGREGATIONS",
     "group_view",
     "grpo_advantages",
@@ -31,7 +30,6 @@ __all__ = [
     "uniform_groups",
 ]
 
-ADVANTAGE_ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
 
 
@@ -87,17 +85,15 @@ def returns_to_go(rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor:
     return torch.stack(out[::-1], dim=1) if out else rewards
 
 
-def reinforce_pp_advantages(rewards: Tensor, mask: Tensor, moments: tuple[Tensor, Tensor] | None = None,
-                            eps: float = 1e-8) -> Tensor:
+def reinforce_pp_advantages(rewards: Tensor, mask: Tensor, moments: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """REINFORCE++ (Hu 2025, arXiv 2501.03262, eqs. 6-8): (B, R) shaped per-token rewards -> (B, R)
     advantages: returns-to-go with gamma = 1, whitened over every real token of the batch
-    (A - mean) / (std + eps). `moments` = (mean, var) over the whole batch (all ranks) when the
-    caller has them; else those of this call. The "-baseline" variant subtracts the group mean
-    from the scores before they enter `rewards` (see `dr_grpo_advantages`)."""
+    (`masked_whiten`). `moments` = (mean, var) of the returns over the whole batch (all ranks)
+    when the caller has them; else those of this call. (The trainer whitens the returns it has
+    already computed with those two same pieces.) The "-baseline" variant subtracts the group
+    mean from the scores before they enter `rewards` (see `dr_grpo_advantages`)."""
     mask = _as_bool_mask(rewards, mask)
-    returns = returns_to_go(rewards, mask)
-    mean, var = moments if moments is not None else (masked_mean(returns, mask), masked_var(returns, mask))
-    return _zero_masked((returns - mean) / (var.sqrt() + eps), mask)
+    return masked_whiten(returns_to_go(rewards, mask), mask, moments=moments)
 
 
 def broadcast_to_tokens(advantages: Tensor, mask: Tensor) -> Tensor:

@@ -51,7 +51,6 @@ from tether.algo import (
     masked_var,
     masked_whiten,
     overlong_penalty,
-    reinforce_pp_advantages,
     returns_to_go,
     rloo_advantages,
     shape_rewards,
@@ -495,10 +494,9 @@ class PPOTrainer:
             whiten = False
         every_advantage, every_mask = distributed.gather_rows(advantages), distributed.gather_rows(mask)
         self._raw_advantage_mean = masked_mean(every_advantage, every_mask).item()
-        if whiten:  # mean and variance over every rank's tokens
+        if whiten:  # mean and variance over every rank's tokens (for REINFORCE++: its eqs. 6-8)
             moments = (masked_mean(every_advantage, every_mask), masked_var(every_advantage, every_mask))
-            advantages = (reinforce_pp_advantages(rewards, mask, moments) if estimator.startswith("reinforce_pp")
-                          else masked_whiten(advantages, mask, moments=moments))
+            advantages = masked_whiten(advantages, mask, moments=moments)
         return advantages, returns
 
     # --- optimisation --------------------------------------------------------------
