@@ -1,12 +1,19 @@
 """PPO with a critic (GAE) against the critic-free estimators, side by side on the demo.
 
-    .venv/bin/python benchmarks/estimators.py [--updates 32] [--only gae,grpo,...]
+    .venv/bin/python benchmarks/estimators.py [--model toy|smollm2] [--updates N] [--only gae,grpo,...]
 
-Uses the demo's SFT policy and reward model (`runs/demo`, built by `make demo`; built here if
-absent) and its PPO settings: 64 responses per update (GAE: 64 prompts x 1; the group estimators:
-16 prompts x 4 samples), 20 new tokens, 4 PPO epochs, 2 minibatches, PPO-ptx, the same learning rate,
-entropy bonus and KL coefficient. Each estimator runs with the loss and KL handling it is
-published with:
+`--model toy` (default): the demo's SFT policy and reward model (`runs/demo`, built by `make demo`;
+built here if absent) and its PPO settings: 64 responses per update (GAE: 64 prompts x 1; the group
+estimators: 16 prompts x 4 samples), 20 new tokens, 4 PPO epochs, 2 minibatches, PPO-ptx, the same
+learning rate, entropy bonus and KL coefficient; 32 updates.
+
+`--model smollm2`: the SmolLM2-135M-Instruct demo (`runs/demo-smollm2`, `make demo-smollm2`; its
+cached stages are built here if absent) with its PPO settings: LoRA on the top 8 blocks,
+placement=shared_base, 16 responses per update (GAE: 16 prompts x 1; the group estimators: 4 prompts
+x 4 samples), 32 new tokens, 4 PPO epochs, 1 minibatch, adaptive KL toward 2 nats; 18 updates
+(half the demo's 36: six SmolLM2 runs are over an hour here), evaluated on 64 held-out prompts.
+
+Each estimator runs with the loss and KL handling it is published with:
 
   gae                    KL (k1) in the reward, token-mean loss, a critic (the demo as it is)
   grpo                   KL (k3) in the loss, mean per response then over responses
@@ -15,7 +22,7 @@ published with:
   reinforce_pp           KL (k1) in the reward, returns-to-go whitened over the batch
   reinforce_pp_baseline  the same after subtracting each group's mean score
 
-Each run is a fresh process. Printed per estimator, on the demo's 256 held-out prompts: gold
+Each run is a fresh process. Printed per estimator, on the demo's held-out prompts: gold
 (VADER) gain from update 0 to the end, KL to the reference at the end, distinct-2 at the end
 relative to update 0, proxy gain, seconds per update, and the process's peak resident memory.
 """
@@ -31,45 +38,75 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN = ROOT / "runs" / "demo"
-GROUP = dict(batch_size=16, samples_per_prompt=4)
+RUNS = {"toy": ROOT / "runs" / "demo", "smollm2": ROOT / "runs" / "demo-smollm2"}
+DEFAULT_UPDATES = {"toy": 32, "smollm2": 18}
+# Group estimators sample each prompt this often; they get batch/GROUP_SIZE prompts (equal responses).
+GROUP_SIZE = 4
 ESTIMATORS = {
     "gae": dict(),
-    "grpo": dict(GROUP, kl_placement="loss", kl_estimator="k3", loss_aggregation="seq_mean_token_mean"),
-    "dr_grpo": dict(GROUP, loss_aggregation="seq_mean_token_sum_norm"),
-    "rloo": dict(GROUP),
-    "reinforce_pp": dict(GROUP),
-    "reinforce_pp_baseline": dict(GROUP),
+    "grpo": dict(kl_placement="loss", kl_estimator="k3", loss_aggregation="seq_mean_token_mean"),
+    "dr_grpo": dict(loss_aggregation="seq_mean_token_sum_norm"),
+    "rloo": dict(),
+    "reinforce_pp": dict(),
+    "reinforce_pp_baseline": dict(),
 }
+CRITIC_KEYS = ("critic_learning_rate", "vf_coef")  # settings of the critic that critic-free runs drop
 
 
-def demo_artifacts():
-    """The demo's corpus, SFT model and reward model (cached stages; built when missing)."""
+def toy_ppo_values() -> dict:
+    """The toy demo's PPO settings over its corpus, SFT model and reward model (built when missing)."""
     from tether.pipelines.demo import DemoSettings, stage_corpus, stage_preferences, stage_reward, stage_sft
+
+    run, settings = RUNS["toy"], DemoSettings()
+    files = stage_corpus(run)
+    stage_sft(run, files, settings)
+    stage_preferences(run, files, settings)
+    stage_reward(run, files, settings)
+    return dict(settings.ppo, policy=str(run / "sft" / "final"), reward_model=str(run / "reward" / "final"),
+                prompts=str(files["prompts"]), eval_prompts=str(files["eval_prompts"]),
+                ptx_data=str(files["sft_text"]) if settings.ppo_ptx else None)
+
+
+def smollm2_ppo_values() -> dict:
+    """The SmolLM2 demo's PPO settings over its base, prompts and LoRA reward model (built when missing)."""
+    from tether.pipelines.demo_smollm2 import SmolSettings, stage_base, stage_preferences, stage_prompts, stage_reward
+
+    run, settings = RUNS["smollm2"], SmolSettings()
+    run.mkdir(parents=True, exist_ok=True)
+    base = stage_base(run)
+    files = stage_prompts(run)
+    stage_preferences(run, base, files, settings)
+    stage_reward(run, base, files, settings)
+    return dict(settings.ppo, **settings.lora, placement="shared_base", policy=str(base),
+                reward_model=str(run / "reward" / "final"), prompts=str(files["prompts"]),
+                eval_prompts=str(files["eval_prompts"]), max_new_tokens=settings.max_new_tokens,
+                temperature=settings.temperature)
+
+
+def demo_ppo_values(model: str) -> dict:
     from tether.pipelines.ppo import set_threads
 
-    settings = DemoSettings()
     set_threads(0)
-    files = stage_corpus(RUN)
-    stage_sft(RUN, files, settings)
-    stage_preferences(RUN, files, settings)
-    stage_reward(RUN, files, settings)
-    return settings, files
+    return toy_ppo_values() if model == "toy" else smollm2_ppo_values()
 
 
-def worker(name: str, updates: int, out: Path) -> None:
+def estimator_values(base: dict, name: str) -> dict:
+    """The demo's PPO settings for one estimator: same responses per update, its published options."""
+    values = dict(base, advantage_estimator=name, **ESTIMATORS[name])
+    if name != "gae":
+        values.update(batch_size=base["batch_size"] // GROUP_SIZE, samples_per_prompt=GROUP_SIZE)
+        for key in CRITIC_KEYS:
+            values.pop(key, None)
+    return values
+
+
+def worker(model: str, name: str, updates: int, out: Path) -> None:
     from tether.config import PPOConfig, config_from_dict
     from tether.pipelines.ppo import build_ppo_trainer
 
-    settings, files = demo_artifacts()
-    values = dict(settings.ppo, policy=str(RUN / "sft" / "final"), reward_model=str(RUN / "reward" / "final"),
-                  gold_reward_fn="tether.pipelines.demo:vader_compound", prompts=str(files["prompts"]),
-                  eval_prompts=str(files["eval_prompts"]), output_dir=str(out), seed=0, overwrite=True,
-                  ptx_data=str(files["sft_text"]) if settings.ppo_ptx else None, progress=False,
-                  total_updates=updates, eval_every=updates, advantage_estimator=name)
-    if name != "gae":
-        values.pop("critic_learning_rate", None)  # no critic to train
-    values.update(ESTIMATORS[name])
+    values = dict(estimator_values(demo_ppo_values(model), name), output_dir=str(out), seed=0, overwrite=True,
+                  gold_reward_fn="tether.pipelines.demo:vader_compound", progress=False,
+                  total_updates=updates, eval_every=updates)
     build_ppo_trainer(config_from_dict(PPOConfig, values)).train()
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     (out / "peak.json").write_text(json.dumps({"peak_mb": peak_mb}))
@@ -89,20 +126,22 @@ def summary(name: str, out: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--updates", type=int, default=32)
+    parser.add_argument("--model", choices=sorted(RUNS), default="toy")
+    parser.add_argument("--updates", type=int, help="PPO updates per estimator (toy 32, smollm2 18)")
     parser.add_argument("--only", default=",".join(ESTIMATORS), help="comma-separated estimators")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    updates = args.updates or DEFAULT_UPDATES[args.model]
     if args.worker:
-        return worker(args.worker, args.updates, Path(args.out))
-    demo_artifacts()  # once, before the timed runs
+        return worker(args.model, args.worker, updates, Path(args.out))
+    demo_ppo_values(args.model)  # the cached stages, once, before the timed runs
     results = []
     for name in args.only.split(","):
-        out = RUN / "estimators" / name
+        out = RUNS[args.model] / "estimators" / name
         env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-        done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", name, "--updates",
-                               str(args.updates), "--out", str(out)], env=env, capture_output=True, text=True)
+        done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--model", args.model, "--worker", name,
+                               "--updates", str(updates), "--out", str(out)], env=env, capture_output=True, text=True)
         if done.returncode != 0:
             raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
         results.append(summary(name, out))

@@ -49,6 +49,12 @@ def letter_o_rate(responses):
     return [r.count("o") / max(1, len(r)) for r in responses]
 
 
+def vowel_share(responses):
+    """A learnable reward with spread from the first update: the share of letters that are vowels."""
+    letters = [[c for c in r.lower() if c.isalpha()] for r in responses]
+    return [sum(c in "aeiou" for c in ls) / max(1, len(ls)) for ls in letters]
+
+
 def constant_reward(responses):
     """The same score for every response: every group of samples is uniform."""
     return [1.0 for _ in responses]

@@ -196,8 +196,9 @@ def test_non_finite_scores_skip_the_update_then_stop_the_run(tiny_dirs, tmp_path
     with pytest.raises(TrainingStopped, match=r"3 updates in a row were skipped; the first because the rollout had "
                                               r"a non-finite score \(nan\) for response 1 .*checkpoint-7"):
         trainer.train()
-    doctor = (tmp_path / "run" / "doctor.jsonl").read_text()
-    assert doctor.count("skipped_update") == 3
+    said = [json.loads(line) for line in (tmp_path / "run" / "doctor.jsonl").read_text().splitlines()]
+    assert [(r["update"], r["severity"]) for r in said if r["rule"] == "skipped_update"] == [
+        (5, "warning"), (6, "warning"), (7, "warning")]
 
 
 # --- SFT and reward-model training --------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Runs as a user types them, the docs that describe them, and the doctor that watches them."""
+"""Runs as a user types them, and the docs that describe them."""
 
 import json
 import logging
@@ -13,7 +13,6 @@ from transformers import AutoTokenizer
 from conftest import REWARDS, base_overrides
 from tether.config import PPOConfig, config_from_dict
 from tether.data import DataError
-from tether.doctor import Doctor, distinct_n, phrase_shares, spreading_phrases
 from tether.metrics import PPO_METRIC_NAMES, render_markdown
 from tether.pipelines.ppo import build_ppo_trainer
 
@@ -96,94 +95,6 @@ def test_empty_prompt_file_is_a_clear_error(tiny_dirs, tmp_path):
     empty.write_text("")
     with pytest.raises(DataError, match="empty"):
         build_ppo_trainer(config_from_dict(PPOConfig, base_overrides(tiny_dirs, tmp_path, prompts=str(empty))))
-
-
-def test_distinct_n():
-    assert distinct_n([[1, 2, 3], [1, 2, 4]], 2) == pytest.approx(3 / 4)
-    assert distinct_n([[7, 7, 7, 7]], 2) == pytest.approx(1 / 3)
-    assert distinct_n([[1]], 2) == 0.0
-
-
-def healthy(**changes):
-    row = {"reward/score": 0.0, "reward/score_std": 1.0, "response/distinct_2": 0.9, "policy/approx_kl": 0.01,
-           "policy/ratio_mean": 1.0, "policy/clipfrac": 0.05, "response/eos_rate": 0.9}
-    row.update(changes)
-    return row
-
-
-def test_doctor_names_reward_hacking_once_until_it_clears():
-    doctor = Doctor()
-    assert doctor.check(1, healthy()) == []
-    said = doctor.check(2, healthy(**{"reward/score": 3.0, "response/distinct_2": 0.3}))
-    assert len(said) == 1 and "reward_hacking" in said[0] and "kl_coef" in said[0]
-    assert doctor.check(3, healthy(**{"reward/score": 3.0, "response/distinct_2": 0.3})) == []
-    assert doctor.check(4, healthy()) == []
-    assert "reward_hacking" in doctor.check(5, healthy(**{"reward/score": 3.0, "response/distinct_2": 0.3}))[0]
-
-
-def test_doctor_flat_reward_and_instability_and_length():
-    doctor = Doctor()
-    said = []
-    for update in range(1, 17):
-        said += doctor.check(update, healthy(**{"policy/approx_kl": 1e-6}))
-    assert len(said) == 1 and "reward_flat" in said[0] and "learning_rate" in said[0]
-    assert "unstable" in Doctor().check(1, healthy(**{"policy/clipfrac": 0.5}))[0]
-    doctor = Doctor()
-    doctor.check(1, healthy())
-    assert "runaway_length" in doctor.check(2, healthy(**{"response/eos_rate": 0.2}))[0]
-
-
-# 20 responses each: the phrase in 1 of them (5%) at the start, in 15 (75%) later.
-BEFORE = ["the United States said no."] + ["the cat sat on the mat.", "a dog ran home.", "he went home."] * 6 + ["ok."]
-AFTER = ["the cat sat in the United States.", "a dog ran to the United States!", "the United States said no."] * 5 \
-    + ["the home was quiet."] * 5
-
-
-def test_phrase_shares_count_each_text_once():
-    shares = phrase_shares(["the cat saw the cat", "a dog"])
-    assert shares["the cat"] == 0.5 and shares["the"] == 0.5 and shares["a dog"] == 0.5
-    assert "cat saw the" in shares and "the cat saw the" not in shares  # at most three words
-
-
-def test_spreading_phrases_name_the_longest_phrase_that_spread_not_its_parts():
-    spread = spreading_phrases(phrase_shares(BEFORE), phrase_shares(AFTER))
-    # "the" (35% -> 100%) and "united" rose only because "the united states" did.
-    assert spread == [("the united states", 0.05, 0.75)]
-    assert spreading_phrases(phrase_shares(BEFORE), phrase_shares(BEFORE)) == []
-
-
-def test_doctor_names_a_spreading_phrase_once():
-    doctor = Doctor()
-    assert doctor.check_phrases(1, BEFORE) == []  # the first rollout is the baseline
-    said = doctor.check_phrases(2, AFTER)
-    assert len(said) == 1 and "phrase_spreading" in said[0] and '"the united states" is in 75%' in said[0]
-    assert "(5% at the start)" in said[0] and "kl_coef" in said[0]
-    assert doctor.check_phrases(3, AFTER) == []
-
-
-def test_the_doctor_s_findings_reach_doctor_jsonl_and_the_report(tiny_dirs, tmp_path, monkeypatch):
-    from tether.report import build_report
-
-    trainer = build_ppo_trainer(config_from_dict(PPOConfig, base_overrides(tiny_dirs, tmp_path)))
-    monkeypatch.setattr(trainer.doctor, "check_phrases",
-                        lambda update, responses: [f"update {update}: phrase_spreading: <{len(responses)} seen>"])
-    trainer.train()
-    said = [json.loads(line) for line in (tmp_path / "run" / "doctor.jsonl").read_text().splitlines()]
-    assert [row["update"] for row in said] == [1, 2]
-    assert said[0]["message"] == "update 1: phrase_spreading: <8 seen>"  # the rollout's responses were checked
-    page = build_report(tmp_path / "run").read_text()
-    assert "update 2: phrase_spreading: &lt;8 seen&gt;" in page
-
-
-def test_doctor_does_not_name_parts_of_a_named_phrase_or_common_words_that_grew():
-    doctor = Doctor()
-    doctor.check_phrases(1, BEFORE)
-    assert len(doctor.check_phrases(2, AFTER)) == 1  # "the united states"
-    # Later "united" alone spreads further (part of the named habit), and "the", already in a third
-    # of the responses at the start, grows too: neither is a new habit.
-    later = ["united we stand.", "the united front.", "the United States said no.", "the home was united."] * 5
-    assert ("united", 0.05, 1.0) in spreading_phrases(doctor.first_shares, phrase_shares(later))
-    assert doctor.check_phrases(3, later) == []
 
 
 def test_large_freed_blocks_go_back_to_the_os_unless_the_user_chose():

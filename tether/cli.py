@@ -1,4 +1,5 @@
-"""Command line: `tether ppo --config FILE [key=value ...]`, `tether export`, `tether demo`."""
+"""Command line: `tether ppo --config FILE [key=value ...]`, `tether doctor RUN_DIR`, `tether report`,
+`tether export`, `tether demo`."""
 
 from __future__ import annotations
 
@@ -49,6 +50,20 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from tether.config import _parse_override
+    from tether.doctor import diagnose_run, severity_rank
+
+    overrides = dict(_parse_override(item) for item in args.thresholds)
+    findings = diagnose_run(args.run_dir, overrides)
+    serious = [f for f in findings if severity_rank(f.severity) >= severity_rank("warning")]
+    for finding in findings:
+        print(f"{finding.severity.upper()} doctor: {finding.message}")
+    print(f"tether doctor: {len(findings)} finding(s) in {args.run_dir}, {len(serious)} warning or worse"
+          + ("" if findings else ": none of the failure modes in docs/doctor.md"))
+    return 1 if serious else 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from tether.lora import export_merged
 
@@ -87,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", parents=[common], help="Rebuild report.html and plots from a PPO run directory.")
     report.add_argument("run_dir", help="A run directory with metrics.jsonl and samples.jsonl.")
     report.set_defaults(run=_report)
+    doctor = sub.add_parser("doctor", parents=[common], help="Diagnose a finished or crashed PPO run directory: "
+                            "print the doctor's findings (docs/doctor.md); exit code 1 on a warning or worse.")
+    doctor.add_argument("run_dir", help="A run directory with metrics.jsonl (and config.yaml, doctor.jsonl).")
+    doctor.add_argument("thresholds", nargs="*", metavar="threshold=value",
+                        help="Thresholds overriding the run's own for this diagnosis, e.g. flat_updates=30.")
+    doctor.set_defaults(run=_doctor)
     export = sub.add_parser("export", parents=[common], help="Merge a LoRA policy adapter (a run's final/ or checkpoint-N/) into its "
                             "base and save a plain transformers model.")
     export.add_argument("adapter_dir", help="A directory with adapter_config.json (peft format).")

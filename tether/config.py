@@ -148,7 +148,7 @@ class PPOConfig:
     seed: int = opt(0, "Random seed (python, numpy, torch, data order).")
     save_every: int = opt(0, "Save a checkpoint every N updates (0 = only at the end).")
     keep_checkpoints: int = opt(0, "Keep only the newest N checkpoint-* directories (0 = all).")
-    resume: bool = opt(False, "Continue the run in output_dir from its latest complete checkpoint, exactly (weights, optimizers, schedulers, RNG states, data position, logs truncated to the checkpoint). Refused if the config differs from the run's, except keys safe to change: total_updates/max_steps, save_every, keep_checkpoints, eval_every, sample_every, num_samples, logging, progress, num_threads.")
+    resume: bool = opt(False, "Continue the run in output_dir from its latest complete checkpoint, exactly (weights, optimizers, schedulers, RNG states, data position, logs truncated to the checkpoint). Refused if the config differs from the run's, except keys safe to change: total_updates/max_steps, save_every, keep_checkpoints, eval_every, sample_every, num_samples, logging, progress, num_threads, doctor, doctor_stop_on.")
     overwrite: bool = opt(False, "Replace the run already in output_dir: its config, logs and checkpoints are deleted, once every check before training has passed.")
     max_skipped_updates: int = opt(3, "Stop, with a checkpoint, after this many updates in a row skipped because a score, loss or gradient was not finite.")
     sample_every: int = opt(10, "Write samples.jsonl rows every N updates (and the first and last).")
@@ -156,6 +156,8 @@ class PPOConfig:
     log_with: list[str] = opt([], "Extra metric sinks: 'tensorboard', 'wandb' (JSONL is always written).")
     wandb_project: str = opt("tether", "Weights & Biases project.")
     progress: bool = opt(True, "Show a progress bar.")
+    doctor: dict = opt({}, "Thresholds of the training doctor's rules, e.g. {flat_updates: 30, hacking_score_gain: 2} (or doctor.flat_updates=30 on the command line); every one is documented in docs/doctor.md.")
+    doctor_stop_on: Literal["never", "warning", "critical"] = opt("never", "Stop the run, with a checkpoint and report.html, at the first doctor finding of this severity or worse ('never': findings are printed and written to doctor.jsonl only).")
     num_threads: int = opt(0, "torch CPU threads (0 = number of cores, never more).")
 
     def __post_init__(self) -> None:
@@ -235,9 +237,21 @@ class PPOConfig:
         if self.overlong_buffer > self.max_new_tokens:
             raise ConfigError(f"overlong_buffer={self.overlong_buffer} is longer than max_new_tokens="
                               f"{self.max_new_tokens}; the penalty zone must fit inside the response (DAPO uses ~1/4)")
+        _check_doctor(self)
         unknown = set(self.log_with) - {"tensorboard", "wandb"}
         if unknown:
             raise ConfigError(f"log_with: unknown sink(s) {sorted(unknown)}; allowed: tensorboard, wandb")
+
+
+def _check_doctor(cfg: "PPOConfig") -> None:
+    from tether.doctor import thresholds_from  # the thresholds are declared beside the rules that use them
+
+    if not isinstance(cfg.doctor, dict):
+        raise ConfigError(f"doctor must be a mapping of threshold: value (e.g. {{flat_updates: 30}}), got {cfg.doctor!r}")
+    try:
+        thresholds_from(cfg.doctor)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
 
 
 def _check_estimator(cfg: "PPOConfig") -> None:
@@ -356,9 +370,15 @@ def load_config(cls: type, path: Optional[str] = None, overrides: Optional[list[
     values: dict[str, Any] = {}
     if path is not None:
         values.update(_read_yaml(path))
+    mappings = {f.name for f in dataclasses.fields(cls)
+                if f.default_factory is not dataclasses.MISSING and isinstance(f.default_factory(), dict)}
     for item in overrides or []:
         key, value = _parse_override(item)
-        values[key] = value
+        head, _, sub = key.partition(".")
+        if sub and head in mappings:  # doctor.flat_updates=30 sets one entry of the mapping
+            values[head] = {**(values.get(head) or {}), sub: value}
+        else:
+            values[key] = value
     return config_from_dict(cls, values)
 
 

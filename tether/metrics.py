@@ -53,6 +53,11 @@ PPO_METRICS: tuple[Metric, ...] = (
            "A few units at most. Hundreds mean a token's probability exploded: unstable training."),
     Metric("policy/grad_norm", "Policy gradient norm before clipping, averaged over optimizer steps.",
            "Stable; spikes precede instability. Consistently above `max_grad_norm` means clipping is always on."),
+    Metric("policy/first_minibatch_approx_kl", "`policy/approx_kl` of the update's first minibatch alone.",
+           "0 (to rounding): the first minibatch sees exactly the policy that sampled the batch. Anything else is "
+           "a setup bug (docs/doctor.md, logprob_mismatch)."),
+    Metric("policy/first_minibatch_ratio_mean", "`policy/ratio_mean` of the update's first minibatch alone.",
+           "1 (to rounding), for the same reason."),
     Metric("policy/lr", "Policy learning rate after this update.", "Follows the configured schedule."),
     Metric("value/loss", "Clipped value loss ½·max((V−R)², (V_clip−R)²), averaged over optimizer steps.",
            "Falls early, then tracks the reward's noise.", critic=True),
@@ -87,8 +92,18 @@ PPO_METRICS: tuple[Metric, ...] = (
            "collapse (Secrets of RLHF)."),
     Metric("response/eos_rate", "Fraction of responses that ended with EOS or a stop string.",
            "High (close to its starting value). A drop means responses run into the length limit."),
+    Metric("response/distinct_1", "Distinct tokens / total tokens over the batch's responses (Li et al. 2016).",
+           "Close to its starting value; falls with a shrinking vocabulary."),
     Metric("response/distinct_2", "Distinct bigrams / total bigrams over the batch's responses (Li et al. 2016).",
            "Close to its starting value. A fall means repetition (\"thanks thanks thanks\")."),
+    Metric("response/repeated_3gram_rate", "Within each response, the share of its token 3-grams that already "
+           "occurred earlier in the same response; averaged over responses.",
+           "Close to its starting value (near 0 for short responses). Rising toward 1 is a response repeating "
+           "itself; with a rising score, reward hacking (docs/doctor.md)."),
+    Metric("response/ref_perplexity", "The reference model's perplexity on the policy's responses: exp of its mean "
+           "negative log-prob per response token, at the sampling temperature.",
+           "Rises slowly as the policy leaves the reference. A jump is gibberish; a fall while responses grow "
+           "longer is the collapse of Secrets of RLHF (both are reward_hacking evidence in docs/doctor.md)."),
     Metric("ppo/optimizer_steps", "Optimizer steps taken this update (ppo_epochs × num_minibatches unless stopped "
            "early by `target_kl_stop`).", "Equal to ppo_epochs × num_minibatches."),
     Metric("ppo/early_stopped", "1 when `target_kl_stop` cut the update short, else 0.", "Mostly 0."),

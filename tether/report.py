@@ -389,6 +389,7 @@ nav a { margin-right: 1rem; } .muted { color: #666; }
 table { border-collapse: collapse; margin: 0.5rem 0; width: 100%; }
 th, td { border: 1px solid #ddd; padding: 0.35rem 0.5rem; text-align: left; vertical-align: top; }
 th { background: #f4f4f4; }
+#doctor li.critical b { color: #b00; } #doctor li.warning b { color: #a60; } #doctor li.info b { color: #666; }
 .plots { display: grid; grid-template-columns: repeat(auto-fill, minmax(480px, 1fr)); gap: 1rem; }
 figure { margin: 0; } img { max-width: 100%; } figcaption { font-size: 0.9rem; color: #555; }
 .response { white-space: pre-wrap; font-family: ui-monospace, monospace; } .score { color: #666; font-size: 0.85rem; }
@@ -413,8 +414,10 @@ def _plots_html(drawn: list, skipped: list) -> str:
 
 def doctor_html(said: list[dict]) -> str:
     if not said:
-        return '<p id="doctor-clear">The doctor saw none of the failure modes it watches for.</p>'
-    items = "".join(f"<li>{html.escape(str(row.get('message', '')))}</li>" for row in said)
+        return '<p id="doctor-clear">The doctor saw none of the failure modes it watches for (docs/doctor.md).</p>'
+    items = "".join(f'<li class="{html.escape(str(row.get("severity", "warning")))}"><b>'
+                    f'{html.escape(str(row.get("severity", "warning")))}</b> {html.escape(str(row.get("message", "")))}</li>'
+                    for row in said)
     return f'<ul id="doctor">{items}</ul>'
 
 

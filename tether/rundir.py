@@ -41,6 +41,7 @@ CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 SAFE_TO_CHANGE = frozenset({
     "resume", "overwrite", "total_updates", "max_steps", "max_seconds", "progress", "save_every",
     "keep_checkpoints", "eval_every", "sample_every", "num_samples", "log_with", "wandb_project", "num_threads",
+    "doctor", "doctor_stop_on",
 })
 
 

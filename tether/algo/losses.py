@@ -77,8 +77,8 @@ def clipped_policy_loss(
     _check_same_shape(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask)
     eps_low = clip_eps if clip_eps_low is None else clip_eps_low
     eps_high = clip_eps if clip_eps_high is None else clip_eps_high
-    if not (0.0 <= eps_low < 1.0 and eps_high >= 0.0):
-        raise ValueError(f"need 0 <= clip_eps_low < 1 and clip_eps_high >= 0, got {eps_low}, {eps_high}")
+    if not (eps_low >= 0.0 and eps_high >= 0.0):  # eps_low >= 1: no lower bound (a ratio is always > 0)
+        raise ValueError(f"need clip_eps_low >= 0 and clip_eps_high >= 0, got {eps_low}, {eps_high}")
     if dual_clip is not None and not dual_clip > 1.0:
         raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
 

@@ -285,7 +285,7 @@ def held_out_before_after(rows: list[dict]) -> dict:
 
 def most_spread_phrase(before: list[str], after: list[str]) -> str:
     """What the policy learned to say: the phrase whose share of responses rose the most."""
-    from tether.doctor import phrase_shares, spreading_phrases
+    from tether.text_health import phrase_shares, spreading_phrases
 
     spread = spreading_phrases(phrase_shares(before), phrase_shares(after), min_share=0.1, min_rise=0.05, top=1)
     if not spread:

@@ -57,9 +57,10 @@ from tether.algo import (
     uniform_groups,
 )
 from tether.checkpoint import read_trainer_state, rng_state, seed_everything, set_rng_state
-from tether.config import PPOConfig
+from tether.config import PPOConfig, config_to_dict
 from tether.data import BlockSampler, PromptSampler, left_pad
-from tether.doctor import Doctor, distinct_n
+from tether.doctor import Doctor, Finding, severity_rank
+from tether.text_health import distinct_n, repeated_ngram_rate
 from tether.generation import BuiltinSampler, GenerationBackend, logprob_gap
 from tether.models import eos_token_ids
 from tether.roles import Roles
@@ -103,6 +104,7 @@ class TrainingStopped(RuntimeError):
 
 
 STOP_SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # exit codes as a shell reports them
+LOG_LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "critical": logging.ERROR}  # doctor findings
 
 
 @contextmanager
@@ -185,7 +187,8 @@ class PPOTrainer:
         self.critic_optimizer, self.critic_scheduler = (self._optimizer(
             roles.trainable("critic"), cfg.critic_learning_rate or cfg.learning_rate, total_steps)
             if cfg.uses_critic else (None, None))
-        self.doctor = Doctor(cfg)
+        self.doctor = Doctor(config_to_dict(cfg))
+        self.doctor_stop: Optional[str] = None  # the finding that stops the run (doctor_stop_on)
         self.gold = gold  # a RewardSource never optimised: measures over-optimisation of the proxy
         self.eval_prompts = eval_prompts
         self.first_eval: Optional[dict] = None  # the first evaluation (update 0), kept beside last_eval
@@ -242,6 +245,9 @@ class PPOTrainer:
             if self.skipped_in_a_row >= cfg.max_skipped_updates:
                 self._stop(f"{self.skipped_in_a_row} updates in a row were skipped; the first because "
                            f"{self.first_skip_reason}")
+            if distributed.any_rank(self.doctor_stop is not None):  # rank 0's evaluation may be what fired
+                self._stop(f"the doctor stopped the run (doctor_stop_on={cfg.doctor_stop_on}): "
+                           f"{self.doctor_stop or 'a finding on rank 0'}", report=True)
             if distributed.any_rank(self.stop_signal is not None):  # every rank stops at the same update
                 sig = self.stop_signal or signal.SIGTERM
                 self._stop(f"stopped by {signal.Signals(sig).name} after update {self.update}", STOP_SIGNALS[sig])
@@ -260,12 +266,24 @@ class PPOTrainer:
             prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)
         return path
 
-    def _stop(self, reason: str, exit_code: int = 1) -> None:
-        """Checkpoint, then stop the run with one message saying where it is and how to go on."""
+    def _stop(self, reason: str, exit_code: int = 1, report: bool = False) -> None:
+        """Checkpoint (and with `report`, report.html), then stop the run with one message saying
+        where it is and how to go on."""
         path = self.save_checkpoint()
         where = (f"; checkpoint {path}; continue with the same command plus resume=true" if path is not None
                  else "; no run directory, nothing saved")
+        if report and path is not None and self.writes:
+            where += f"; report {self._write_report()}"
         raise TrainingStopped(reason + where, path, exit_code)
+
+    def _write_report(self) -> str:
+        """report.html of the run so far; a failure to draw it never hides why the run stopped."""
+        from tether.report import build_report
+
+        try:
+            return str(build_report(self.run_dir))
+        except Exception as err:  # noqa: BLE001 - the stop's own message matters more
+            return f"not written ({type(err).__name__}: {err}; `tether report {self.run_dir}` retries)"
 
     def save(self, path: Path) -> Path:
         """Policy + tokenizer (plain transformers format), critic, and the training state: everything
@@ -404,7 +422,7 @@ class PPOTrainer:
         self.skipped_updates += 1
         self.skipped_in_a_row += 1
         self.first_skip_reason = self.first_skip_reason if self.skipped_in_a_row > 1 else reason
-        self.say([f"update {self.update}: skipped_update: {reason}"])
+        self.say(self.doctor.skipped(self.update, reason))
         metrics = {"ppo/skipped_updates": float(self.skipped_updates)}
         if self.tracker is not None:
             self.tracker.log(metrics, self.update)
@@ -528,6 +546,9 @@ class PPOTrainer:
             if stopped:
                 break
         metrics = {k: (max(v) if k == "policy/ratio_max" else sum(v) / len(v)) for k, v in totals.items()}
+        # The first minibatch sees exactly the rollout's policy: approx-KL 0, ratio 1 (the doctor checks).
+        metrics["policy/first_minibatch_approx_kl"] = self.first_minibatch_stats["policy/approx_kl"]
+        metrics["policy/first_minibatch_ratio_mean"] = self.first_minibatch_stats["policy/ratio_mean"]
         metrics["ppo/optimizer_steps"] = float(steps)
         metrics["ppo/early_stopped"] = float(stopped)
         metrics["policy/lr"] = self.policy_scheduler.get_last_lr()[0]
@@ -648,6 +669,7 @@ class PPOTrainer:
         """Metrics of the whole batch: under torchrun, of every rank's rows gathered in batch order."""
         g = distributed.gather_rows
         mask, values, returns = g(rollout.response_mask), g(rollout.values), g(batch.returns)
+        ref_logprobs = g(rollout.ref_logprobs)
         scores = g(raw_scores)
         responses = distributed.gather_lists([ids[m].tolist() for ids, m in zip(rollout.response_ids,
                                                                                  rollout.response_mask)])
@@ -676,7 +698,10 @@ class PPOTrainer:
             "advantages/mean": self._raw_advantage_mean,
             "response/length": mask.sum(-1).float().mean().item(),
             "response/eos_rate": g(rollout.ended).float().mean().item(),
+            "response/distinct_1": distinct_n(responses, 1),
             "response/distinct_2": distinct_n(responses, 2),
+            "response/repeated_3gram_rate": repeated_ngram_rate(responses, 3),
+            "response/ref_perplexity": reference_perplexity(ref_logprobs, mask),
         }
 
     def engine_gap_metrics(self, rollout: Rollout) -> dict[str, float]:
@@ -698,7 +723,8 @@ class PPOTrainer:
         if self.tracker is not None:
             self.tracker.log(metrics, self.update)
         responses = distributed.gather_lists(rollout.responses)
-        self.say(self.doctor.check(self.update, metrics) + self.doctor.check_phrases(self.update, responses))
+        self.say(self.doctor.observe({"update": self.update, **metrics})
+                 + self.doctor.observe_phrases(self.update, responses))
         due = self.update == 1 or self.update == cfg.total_updates or (
             cfg.sample_every and self.update % cfg.sample_every == 0)
         if self.samples is not None and due and cfg.num_samples:
@@ -708,13 +734,18 @@ class PPOTrainer:
             self.samples.write(self.update, [rollout.prompts[i] for i in rows], [rollout.responses[i] for i in rows],
                                [raw_scores[i].item() for i in rows], split=["train"] * len(rows), **extra)
 
-    def say(self, warnings: list[str]) -> None:
-        """The doctor's findings go to the log and to doctor.jsonl, which the report shows."""
-        for warning in warnings if self.writes else []:
-            log.warning("doctor: %s", warning)
-            if self.run_dir is not None:
-                with (self.run_dir / "doctor.jsonl").open("a") as f:
-                    f.write(json.dumps({"update": self.update, "message": warning}) + "\n")
+    def say(self, findings: list[Finding]) -> None:
+        """The doctor's new findings go to the log (once each) and to doctor.jsonl, which the report
+        and `tether doctor` show; one at doctor_stop_on's severity or worse stops the run."""
+        stop_on = self.cfg.doctor_stop_on
+        for finding in findings:
+            if self.writes:
+                log.log(LOG_LEVELS[finding.severity], "doctor: %s", finding.message)
+                if self.run_dir is not None:
+                    with (self.run_dir / "doctor.jsonl").open("a") as f:
+                        f.write(json.dumps(finding.to_dict()) + "\n")
+            if stop_on != "never" and severity_rank(finding.severity) >= severity_rank(stop_on):
+                self.doctor_stop = self.doctor_stop or f"{finding.rule} ({finding.severity}) at update {finding.update}"
 
     # --- held-out evaluation -------------------------------------------------------
 
@@ -722,6 +753,7 @@ class PPOTrainer:
         metrics = self.evaluate()
         if self.tracker is not None:
             self.tracker.log(metrics, self.update)
+        self.say(self.doctor.observe({"update": self.update, **(metrics if self.writes else {})}))
         return metrics
 
     @torch.no_grad()
@@ -757,6 +789,12 @@ class PPOTrainer:
                           "scores": rollout.scores.tolist(), "gold": gold.tolist() if gold is not None else None}
         self.first_eval = self.first_eval or self.last_eval
         return metrics
+
+
+def reference_perplexity(ref_logprobs: Tensor, mask: Tensor) -> float:
+    """exp of the reference's mean negative log-prob per response token (at the sampling temperature):
+    gibberish raises it; a policy collapsed onto what the reference finds likely lowers it."""
+    return math.exp(-masked_mean(ref_logprobs.float(), mask).item())
 
 
 def _first_non_finite(**tensors: Tensor) -> Optional[tuple[str, int, float]]:
