@@ -20,15 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from estimators import RUNS, demo_ppo_values  # noqa: E402  (the demo's PPO settings, stages built if missing)
+from estimators import RUNS, demo_ppo_values, run_worker  # noqa: E402  (the demo's settings, its stages)
 
-ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_UPDATES = {"toy": 20, "smollm2": 16}  # reward_flat needs 15 flat updates
 
 
@@ -86,12 +83,8 @@ def main() -> None:
     for name in args.only.split(","):
         out = RUNS[args.model] / "doctor" / name
         if not (args.reuse and (out / "final").exists()):
-            env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-            done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--model", args.model, "--worker",
-                                   name, "--updates", str(updates), "--out", str(out)], env=env, capture_output=True,
-                                  text=True)
-            if done.returncode != 0:
-                raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
+            run_worker(Path(__file__), name, ["--model", args.model, "--worker", name, "--updates", str(updates),
+                                              "--out", str(out)])
         results[name] = summary(name, out)
         r = results[name]
         print(f"\n== {name}: gold {r['gold_gain']:+.3f}, KL {r['kl']:.2f} nats, distinct-2 {r['distinct_2']:.0%} of "

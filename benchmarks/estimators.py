@@ -124,6 +124,15 @@ def summary(name: str, out: Path) -> dict:
             "peak_mb": json.loads((out / "peak.json").read_text())["peak_mb"]}
 
 
+def run_worker(script: Path, name: str, args: list[str]) -> None:
+    """`script args` in a fresh process (its own peak memory, no state carried between runs)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, str(Path(script).resolve()), *args], env=env, capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(RUNS), default="toy")
@@ -139,11 +148,8 @@ def main() -> None:
     results = []
     for name in args.only.split(","):
         out = RUNS[args.model] / "estimators" / name
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-        done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--model", args.model, "--worker", name,
-                               "--updates", str(updates), "--out", str(out)], env=env, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
+        run_worker(Path(__file__), name, ["--model", args.model, "--worker", name, "--updates", str(updates),
+                                          "--out", str(out)])
         results.append(summary(name, out))
         print(json.dumps(results[-1]), flush=True)
     print(f"\n| estimator | gold gain | proxy gain | KL (nats) | distinct-2 vs start | s/update | peak MB |")

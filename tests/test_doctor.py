@@ -101,6 +101,12 @@ def test_a_stalled_score_names_the_learning_rate_or_the_clip_range():
     assert said(rows_of((20, {}))) == []
 
 
+def test_critic_warmup_is_not_a_stall():
+    rows = rows_of((20, {"policy/approx_kl": 0.0}), (5, {}))
+    assert said(rows, {"critic_warmup_updates": 20}) == []
+    assert said(rows_of((35, {"policy/approx_kl": 0.0})), {"critic_warmup_updates": 20}) == [("reward_flat", "warning", 35)]
+
+
 def test_a_score_that_rose_and_levelled_off_is_not_stalled():
     rows = rows_of((3, {}), (25, {"reward/score": 3.0, "policy/approx_kl": 1e-6}))
     assert "reward_flat" not in [rule for rule, _, _ in said(rows)]

@@ -315,14 +315,16 @@ def reward_hacking(h: History) -> Optional[Diagnosis]:
     return Diagnosis("warning", "the reward rises while the text degrades: the policy is exploiting the reward "
                      "instead of improving (reward hacking)", (score, *degraded, *([kl] if kl else [])),
                      (_kl_advice(h), _clip_advice(h),
-                      Advice("reward", "check", "what the reward pays for in the samples (samples.jsonl)")))
+                      Advice("reward_fn/reward_model", "check", "— what it pays for in samples.jsonl")))
 
 
 def reward_flat(h: History) -> Optional[Diagnosis]:
     t = h.t
-    if len(h.rows) < t.flat_updates:
+    warmup = h.setting("critic_warmup_updates", 0) or 0  # the policy is held still on purpose then
+    trained = [r for r in h.rows if r["update"] > warmup]
+    if len(trained) < t.flat_updates:
         return None
-    recent = History(h.rows[-t.flat_updates :], [], h.config, t)
+    recent = History(trained[-t.flat_updates :], [], h.config, t)
     score = recent.compare("reward/score", f"moved < {_fmt(t.flat_score_change)} x start score std")
     if score is None or abs(score.value - score.start) / h.score_spread() >= t.flat_score_change:
         return None
@@ -424,13 +426,13 @@ def _past_gold_peak(h: History) -> Optional[Diagnosis]:
 
 
 def _exploit_advice(h: History, best_update: Optional[int], target_kl: Optional[float] = None) -> tuple[Advice, ...]:
-    keep = (Advice("save_every", "check", f"the checkpoint nearest update {best_update}, where the gold reward was "
-                   "best") if best_update is not None else
+    keep = (Advice("checkpoint", "check", f"— keep the one nearest update {best_update}, where the gold reward was "
+                   "best (save_every)") if best_update is not None else
             Advice("total_updates", "lower", "to stop near the peak (or keep an earlier checkpoint)"))
     kl_target = (Advice("kl_target", "set", f"to ~{_fmt(target_kl)} nats with adaptive_kl=true")
                  if target_kl is not None else _kl_advice(h))
-    return (kl_target, keep, Advice("reward_model", "check", "with more or harder preference pairs where it is "
-                                    "exploited (its samples score high but read badly)"))
+    return (kl_target, keep, Advice("reward_model", "check", "— retrain it with more or harder preference pairs "
+                                    "where it is exploited (its samples score high but read badly)"))
 
 
 def logprob_mismatch(h: History) -> Optional[Diagnosis]:
@@ -543,7 +545,8 @@ RULES: tuple[Rule, ...] = (
           "collapse_perplexity_fraction", "collapse_length_growth", "critical_after"), reward_hacking, escalates=True),
     Rule("reward_flat", "The score has not moved over the last `flat_updates` updates nor since the start, and either the steps are "
          "tiny (approx-KL: the learning rate is too low) or most of each step is clipped (the clip range is too "
-         "small). A flat score with normal steps is not flagged: the reward may have nothing left to give.",
+         "small). A flat score with normal steps is not flagged: the reward may have nothing left to give; nor are the "
+         "updates of critic warmup, where the policy is held still on purpose.",
          ("flat_updates", "flat_score_change", "flat_approx_kl", "flat_clipfrac"), reward_flat),
     Rule("unstable", "One update moves the policy too far from the one that sampled the batch: approx-KL, the "
          "clipped fraction or the mean ratio past their bounds. Critical when approx-KL reaches a nat per token.",
@@ -578,7 +581,7 @@ EXTRA_RULES = {
     "skipped_update": ("warning", "An update was skipped because a score, loss or gradient was not finite "
                        "(nothing non-finite reached the weights; `max_skipped_updates` in a row stop the run).", ()),
 }
-PHRASE_ADVICE = (Advice("reward", "check", "whether it should pay for that phrase"), Advice("kl_coef", "raise", ""),
+PHRASE_ADVICE = (Advice("reward_fn/reward_model", "check", "— whether it should pay for that phrase"), Advice("kl_coef", "raise", ""),
                  Advice("entropy_coef", "raise", ""), Advice("ptx_data", "set", "(PPO-ptx keeps the language general)"))
 
 
