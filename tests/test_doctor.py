@@ -115,6 +115,10 @@ def test_a_score_that_rose_and_levelled_off_is_not_stalled():
 def test_unstable_steps_warn_and_a_nat_per_token_is_critical():
     assert said(rows_of((2, {}), (1, {"policy/clipfrac": 0.5}), (1, {"policy/approx_kl": 1.5}))) == [
         ("unstable", "warning", 3), ("unstable", "critical", 4)]
+    # one token's probability multiplied 40-fold while the mean ratio stays near 1 (a clip range that never clips)
+    runaway = findings(rows_of((1, {"policy/ratio_max": 40.0})))
+    assert [(f.rule, f.severity) for f in runaway] == [("unstable", "warning")]
+    assert "policy/ratio_max 40 (update 1) [>= 10]" in runaway[0].message
     ratio = findings(rows_of((1, {"policy/ratio_mean": 1.4})), {"clip_eps": 10.0})[0]
     assert "lower clip_eps from 10 to 0.1-0.2" in ratio.message and ratio.advice[0].key == "learning_rate"
 

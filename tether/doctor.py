@@ -59,6 +59,9 @@ class DoctorThresholds:
                                                 "update).")
     unstable_clipfrac: float = _threshold(0.3, "unstable: `policy/clipfrac` at least this.")
     unstable_ratio: float = _threshold(0.2, "unstable: `policy/ratio_mean` at least this far from 1.")
+    unstable_ratio_max: float = _threshold(10.0, "unstable: `policy/ratio_max` at least this (one token's probability "
+                                                 "multiplied this many times within one update; a clip range that "
+                                                 "never clips lets it run away).")
     unstable_critical_approx_kl: float = _threshold(1.0, "unstable becomes critical: `policy/approx_kl` at least "
                                                          "this (the policy moved by a nat per token in one update).")
     exploit_gold_drop: float = _threshold(0.3, "reward_model_exploited: the gold score has given back at least this "
@@ -360,9 +363,12 @@ def unstable(h: History) -> Optional[Diagnosis]:
         evidence.append(dataclasses.replace(clip, bound=f">= {_fmt(t.unstable_clipfrac)}"))
     if ratio and abs(ratio.value - 1) >= t.unstable_ratio:
         evidence.append(dataclasses.replace(ratio, bound=f"|ratio - 1| >= {_fmt(t.unstable_ratio)}"))
+    largest = h.latest("policy/ratio_max")
+    if largest and largest.value >= t.unstable_ratio_max:
+        evidence.append(dataclasses.replace(largest, bound=f">= {_fmt(t.unstable_ratio_max)}"))
+        largest = None
     if not evidence:
         return None
-    largest = h.latest("policy/ratio_max")
     critical = kl is not None and kl.value >= t.unstable_critical_approx_kl
     eps = h.setting("clip_eps", 0.2)
     clip_advice = (Advice("clip_eps", "lower", f"from {_fmt(eps)} to 0.1-0.2 (the clip is what bounds a step)")
@@ -549,8 +555,9 @@ RULES: tuple[Rule, ...] = (
          "updates of critic warmup, where the policy is held still on purpose.",
          ("flat_updates", "flat_score_change", "flat_approx_kl", "flat_clipfrac"), reward_flat),
     Rule("unstable", "One update moves the policy too far from the one that sampled the batch: approx-KL, the "
-         "clipped fraction or the mean ratio past their bounds. Critical when approx-KL reaches a nat per token.",
-         ("unstable_approx_kl", "unstable_clipfrac", "unstable_ratio", "unstable_critical_approx_kl"), unstable),
+         "clipped fraction, the mean ratio or the largest ratio past their bounds. Critical when approx-KL reaches a nat per token.",
+         ("unstable_approx_kl", "unstable_clipfrac", "unstable_ratio", "unstable_ratio_max", "unstable_critical_approx_kl"),
+         unstable),
     Rule("reward_model_exploited", "With a gold scorer (`gold_reward_fn`): the gold score falls from its best "
          "while the proxy does not (critical once gold is below its start), or the latest evaluation's KL is past "
          "the peak of R(d) = d(α − β log d) fitted to the evaluations' (√KL, gold gain) points (Gao et al. 2022).",
