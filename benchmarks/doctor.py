@@ -59,7 +59,7 @@ def summary(name: str, out: Path) -> dict:
     replayed = [f.message for f in diagnose_run(out)]
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     last = max(s["update"] for s in samples)
-    held_out = {s["prompt"]: (s["response"], s["score"]) for s in samples
+    held_out = {s["prompt"]: (s["response"], s["score"], s.get("gold"), s.get("kl")) for s in samples
                 if s["update"] == last and s.get("split") == "eval"}
     return {"run": name, "findings": live, "tether_doctor_agrees": replayed == live,
             "gold_gain": evals[-1]["eval/gold"] - evals[0]["eval/gold"], "kl": evals[-1]["eval/kl"],
@@ -96,8 +96,8 @@ def main() -> None:
         for prompt in shared[:2]:
             print(f"\nprompt: {prompt!r}")
             for name in ("a_hacking", "d_healthy"):
-                response, score = results[name]["held_out"][prompt]
-                print(f"  {name}: {response!r} (proxy {score:+.2f})")
+                response, score, gold, kl = results[name]["held_out"][prompt]
+                print(f"  {name}: {response!r} (proxy {score:+.2f}, gold {gold:+.2f}, KL {kl:.1f} nats)")
 
 
 if __name__ == "__main__":
