@@ -11,12 +11,14 @@ reason of a skipped update): they come from the run's doctor.jsonl."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import statistics
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
-from tether.text_health import phrase_shares, spreading_phrases
+from tether.text_health import phrase_shares, phrase_within, spreading_phrases
 
 SEVERITIES = ("info", "warning", "critical")
 
@@ -656,7 +658,7 @@ class Doctor:
         new = []
         for phrase, was, now in spreading_phrases(self.first_shares, shares, min_share=t.phrase_share,
                                                   min_rise=t.phrase_rise, max_before=t.phrase_max_before):
-            if any(_within(phrase, named) or _within(named, phrase) for named in self.named_phrases):
+            if any(phrase_within(phrase, named) or phrase_within(named, phrase) for named in self.named_phrases):
                 continue
             self.named_phrases.add(phrase)
             finding = Finding("phrase_spreading", "info", update,
@@ -678,10 +680,6 @@ class Doctor:
         finding = Finding(rule, diagnosis.severity, update, diagnosis.summary, diagnosis.evidence, diagnosis.advice)
         self.findings.append(finding)
         return [finding]
-
-
-def _within(phrase: str, other: str) -> bool:
-    return f" {phrase} " in f" {other} "
 
 
 def finding_from_dict(row: dict) -> Finding:
@@ -709,9 +707,6 @@ def diagnose_run(run_dir, overrides: Optional[dict] = None) -> list[Finding]:
     """The findings of a finished or crashed run directory: the rules replayed over metrics.jsonl
     with its config.yaml's settings (thresholds overridden by `overrides`), plus the findings only
     the live run could make (spreading phrases, skipped updates) from doctor.jsonl."""
-    import json
-    from pathlib import Path
-
     import yaml
 
     run = Path(run_dir)
@@ -732,8 +727,6 @@ def diagnose_run(run_dir, overrides: Optional[dict] = None) -> list[Finding]:
 
 def _read_rows(path) -> list[dict]:
     """JSON lines; a last line cut short by a crash is left out."""
-    import json
-
     lines = path.read_text().splitlines()
     rows = []
     for number, line in enumerate(lines):

@@ -415,10 +415,13 @@ def _plots_html(drawn: list, skipped: list) -> str:
 def doctor_html(said: list[dict]) -> str:
     if not said:
         return '<p id="doctor-clear">The doctor saw none of the failure modes it watches for (docs/doctor.md).</p>'
-    items = "".join(f'<li class="{html.escape(str(row.get("severity", "warning")))}"><b>'
-                    f'{html.escape(str(row.get("severity", "warning")))}</b> {html.escape(str(row.get("message", "")))}</li>'
-                    for row in said)
+    items = "".join(_finding_html(row) for row in said)
     return f'<ul id="doctor">{items}</ul>'
+
+
+def _finding_html(row: dict) -> str:
+    severity = html.escape(str(row.get("severity", "warning")))  # rows of older runs have none
+    return f'<li class="{severity}"><b>{severity}</b> {html.escape(str(row.get("message", "")))}</li>'
 
 
 def render_page(title: str, run_dir: Path, summary: list, drawn: list, skipped: list, samples: str,

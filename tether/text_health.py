@@ -38,7 +38,7 @@ def phrase_shares(texts: list[str], max_words: int = 3) -> dict[str, float]:
     return {gram: count / len(texts) for gram, count in counts.items()} if texts else {}
 
 
-def _within(phrase: str, other: str) -> bool:
+def phrase_within(phrase: str, other: str) -> bool:
     """True when `phrase` is `other` or a run of its whole words."""
     return f" {phrase} " in f" {other} "
 
@@ -53,7 +53,7 @@ def spreading_phrases(before: dict[str, float], after: dict[str, float], min_sha
              if now >= min_share and now - was >= min_rise and was <= max_before]
     kept: list[tuple[str, float, float]] = []
     for gram, was, now in sorted(risen, key=lambda item: (-len(item[0].split()), -item[2])):
-        explained = any(_within(gram, longer) and now - was <= longer_now - longer_was + 0.1
+        explained = any(phrase_within(gram, longer) and now - was <= longer_now - longer_was + 0.1
                         for longer, longer_was, longer_now in kept)
         if not explained:
             kept.append((gram, was, now))
