@@ -130,6 +130,22 @@ def test_gold_falling_while_the_proxy_rises_is_the_reward_model_being_exploited(
                                                   ("reward_model_exploited", "critical")]
 
 
+def test_a_gold_dip_within_its_sampling_noise_is_not_called_exploitation():
+    # SmolLM2 GRPO, 4 prompts x 4 samples: the training gold score of 16 responses per update, spread ~0.4
+    gold = [0.277, 0.204, 0.431, 0.396, 0.529, 0.399, 0.543, 0.141, 0.334]
+    proxy = [0.318, 0.391, 0.376, 0.295, 1.047, -0.155, 0.325, 0.274, 0.627]
+    rows = [{**row, "gold/score": g, "reward/score": p, "batch/responses": 16.0}
+            for row, g, p in zip(rows_of((9, {})), gold, proxy)]
+    # without the spread the rule cannot tell the dip from noise and names it (as it did before it was logged)
+    assert [(r, u) for r, _, u in said(rows)] == [("reward_model_exploited", 9)]
+    assert said([{**row, "gold/score_std": 0.4} for row in rows]) == []
+    # the same fall with a tenth of the spread is beyond the noise
+    assert [(r, u) for r, _, u in said([{**row, "gold/score_std": 0.04} for row in rows])] == [
+        ("reward_model_exploited", 9)]
+    # exploit_gold_noise_z sets how many standard errors the fall must reach
+    assert said([{**row, "gold/score_std": 0.4} for row in rows], {"doctor": {"exploit_gold_noise_z": 1.0}}) != []
+
+
 def test_evaluations_past_the_fitted_gold_peak_are_named():
     # R(d) = d(1 - log d): the peak is at d = 1 (KL 1 nat); the latest evaluation is at d = 2.
     doctor = Doctor()

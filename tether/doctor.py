@@ -69,6 +69,10 @@ class DoctorThresholds:
     exploit_gold_drop: float = _threshold(0.3, "reward_model_exploited: the gold score has given back at least this "
                                                "fraction of what it had gained by its best (window means), while the "
                                                "proxy score did not fall.")
+    exploit_gold_noise_z: float = _threshold(3.0, "reward_model_exploited: the gold score's fall must also be at "
+                                                  "least this many standard errors of the difference of the two "
+                                                  "window means (from `gold/score_std` over `batch/responses`): "
+                                                  "the best window is the highest of many noisy ones.")
     gold_peak_margin: float = _threshold(1.25, "reward_model_exploited: √KL of the latest evaluation at least this "
                                                "many times the peak of the Gao et al. (2022) curve fitted to the "
                                                "evaluations (at least 3, the peak inside the observed range).")
@@ -397,6 +401,9 @@ def _gold_falling(h: History) -> Optional[Diagnosis]:
     gained, lost = gold[best] - gold[0], gold[best] - gold[-1]
     if gained <= 0 or lost < t.exploit_gold_drop * gained or proxy[-1] < proxy[best]:
         return None
+    noise = _window_mean_variance(rows[best : best + w]) + _window_mean_variance(rows[-w:])
+    if lost < t.exploit_gold_noise_z * math.sqrt(noise):
+        return None
 
     def at(i: int) -> tuple[int, int]:
         return rows[i]["update"], rows[i + w - 1]["update"]
@@ -408,6 +415,14 @@ def _gold_falling(h: History) -> Optional[Diagnosis]:
                                "of its gain", gold[best], at(best)),
                       Evidence("reward/score", proxy[-1], at(len(proxy) - 1), "did not fall", proxy[best], at(best))),
                      _exploit_advice(h, best_update=at(best)[1]))
+
+
+def _window_mean_variance(rows: list[dict]) -> float:
+    """Sampling variance of the mean gold score over `rows` (0 for runs that did not log its spread)."""
+    spreads = [(_number(r.get("gold/score_std")), _number(r.get("batch/responses"))) for r in rows]
+    if any(std is None or not n for std, n in spreads):
+        return 0.0
+    return sum(std * std / n for std, n in spreads) / len(rows) ** 2
 
 
 def _past_gold_peak(h: History) -> Optional[Diagnosis]:
@@ -561,9 +576,10 @@ RULES: tuple[Rule, ...] = (
          ("unstable_approx_kl", "unstable_clipfrac", "unstable_ratio", "unstable_ratio_max", "unstable_critical_approx_kl"),
          unstable),
     Rule("reward_model_exploited", "With a gold scorer (`gold_reward_fn`): the gold score falls from its best "
-         "while the proxy does not (critical once gold is below its start), or the latest evaluation's KL is past "
+         "while the proxy does not, by more than its sampling noise (critical once gold is below its start), or the latest evaluation's KL is past "
          "the peak of R(d) = d(α − β log d) fitted to the evaluations' (√KL, gold gain) points (Gao et al. 2022).",
-         ("exploit_gold_drop", "gold_peak_margin", "critical_after"), reward_model_exploited, escalates=True),
+         ("exploit_gold_drop", "exploit_gold_noise_z", "gold_peak_margin", "critical_after"), reward_model_exploited,
+         escalates=True),
     Rule("logprob_mismatch", "The first minibatch of an update sees exactly the rollout's policy, so its approx-KL "
          "is 0 and its ratio 1 (N-details item 15). Anything else means sampling and training compute log-probs "
          "differently (dropout on, another temperature, a train-mode layer): a bug in the setup.",

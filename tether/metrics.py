@@ -119,6 +119,9 @@ PPO_METRICS: tuple[Metric, ...] = (
     Metric("gold/score", "Mean score of the same rollout responses under the gold scorer, which PPO never "
            "optimises directly.", "Rises with `reward/score`. Proxy rising while gold falls is reward-model "
            "over-optimisation (Gao et al. 2022): stop earlier or raise `kl_coef`.", ("gold_reward_fn",)),
+    Metric("gold/score_std", "Standard deviation of the gold scores over the rollout's responses.", "What tells a "
+           "falling gold score from noise: the doctor's reward_model_exploited rule needs a fall of "
+           "`exploit_gold_noise_z` standard errors.", ("gold_reward_fn",)),
     Metric("generation/logprob_gap", "Mean absolute difference between engine and trainer log-probs of the sampled tokens: what the generation "
            "engine reported against the trainer's own forward (which PPO uses).", "Near 0 (bf16 engines: ~1e-2). A "
            "growing gap means the engine samples from another policy than the one trained (stale weights, other "

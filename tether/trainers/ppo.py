@@ -677,7 +677,8 @@ class PPOTrainer:
         if self.gold is not None:
             self._last_gold = self.gold.score(rollout.prompts, rollout.responses, rollout.input_ids,
                                               rollout.attention_mask)
-            gold = {"gold/score": g(self._last_gold.float()).mean().item()}
+            gold_scores = g(self._last_gold.float())
+            gold = {"gold/score": gold_scores.mean().item(), "gold/score_std": gold_scores.std(unbiased=False).item()}
         critic = {}
         if self.critic_optimizer is not None:
             critic = {"value/explained_variance": explained_variance(values, returns, mask).item(),
