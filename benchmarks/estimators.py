@@ -26,7 +26,9 @@ Each estimator runs with the loss and KL handling it is published with:
 
 Each run is a fresh process. Printed per estimator, on the demo's held-out prompts: gold
 (VADER) gain from update 0 to the end, KL to the reference at the end, distinct-2 at the end
-relative to update 0, proxy gain, seconds per update, and the process's peak resident memory.
+relative to update 0, proxy gain, the median seconds per update (a neighbour's burst on a shared
+machine moves the mean, not the median), and the process's peak resident memory. `--reuse` summarises
+runs that already finished instead of rerunning them.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -122,7 +125,7 @@ def summary(name: str, out: Path) -> dict:
     return {"estimator": name, "gold_gain": last["eval/gold"] - first["eval/gold"],
             "proxy_gain": last["eval/score"] - first["eval/score"], "kl": last["eval/kl"],
             "distinct_2": last["eval/distinct_2"] / first["eval/distinct_2"],
-            "s_per_update": sum(r["time/update_s"] for r in updates[1:]) / max(1, len(updates) - 1),
+            "s_per_update": statistics.median(r["time/update_s"] for r in updates[1:] or updates),
             "peak_mb": json.loads((out / "peak.json").read_text())["peak_mb"]}
 
 
@@ -140,6 +143,7 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(RUNS), default="toy")
     parser.add_argument("--updates", type=int, help="PPO updates per estimator (toy 32, smollm2 36)")
     parser.add_argument("--only", default=",".join(ESTIMATORS), help="comma-separated estimators")
+    parser.add_argument("--reuse", action="store_true", help="summarise runs already finished instead of rerunning")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -150,8 +154,9 @@ def main() -> None:
     results = []
     for name in args.only.split(","):
         out = RUNS[args.model] / "estimators" / name
-        run_worker(Path(__file__), name, ["--model", args.model, "--worker", name, "--updates", str(updates),
-                                          "--out", str(out)])
+        if not (args.reuse and (out / "peak.json").exists()):
+            run_worker(Path(__file__), name, ["--model", args.model, "--worker", name, "--updates", str(updates),
+                                              "--out", str(out)])
         results.append(summary(name, out))
         print(json.dumps(results[-1]), flush=True)
     print(f"\n| estimator | gold gain | proxy gain | KL (nats) | distinct-2 vs start | s/update | peak MB |")
