@@ -26,9 +26,10 @@ Each estimator runs with the loss and KL handling it is published with:
 
 Each run is a fresh process. Printed per estimator, on the demo's held-out prompts: gold
 (VADER) gain from update 0 to the end, KL to the reference at the end, distinct-2 at the end
-relative to update 0, proxy gain, the median seconds per update (a neighbour's burst on a shared
-machine moves the mean, not the median), and the process's peak resident memory. `--reuse` summarises
-runs that already finished instead of rerunning them.
+relative to update 0, gold gain per √KL (Gao et al. 2022: early in optimisation gold grows like
+√KL, so this compares runs that moved different distances), proxy gain, the median seconds per
+update (a neighbour's burst on a shared machine moves the mean, not the median), and the process's
+peak resident memory. `--reuse` summarises runs that already finished instead of rerunning them.
 """
 
 from __future__ import annotations
@@ -159,11 +160,12 @@ def main() -> None:
                                               "--out", str(out)])
         results.append(summary(name, out))
         print(json.dumps(results[-1]), flush=True)
-    print(f"\n| estimator | gold gain | proxy gain | KL (nats) | distinct-2 vs start | s/update | peak MB |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("\n| estimator | gold gain | proxy gain | KL (nats) | gold / √KL | distinct-2 vs start | s/update | peak MB |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in results:
+        per_root_kl = r["gold_gain"] / r["kl"] ** 0.5 if r["kl"] > 0 else float("nan")
         print(f"| {r['estimator']} | {r['gold_gain']:+.3f} | {r['proxy_gain']:+.3f} | {r['kl']:.2f} | "
-              f"{r['distinct_2']:.2f} | {r['s_per_update']:.2f} | {r['peak_mb']:.0f} |")
+              f"{per_root_kl:+.3f} | {r['distinct_2']:.2f} | {r['s_per_update']:.2f} | {r['peak_mb']:.0f} |")
 
 
 if __name__ == "__main__":
