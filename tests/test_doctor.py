@@ -139,9 +139,10 @@ def test_a_gold_dip_within_its_sampling_noise_is_not_called_exploitation():
     # without the spread the rule cannot tell the dip from noise and names it (as it did before it was logged)
     assert [(r, u) for r, _, u in said(rows)] == [("reward_model_exploited", 9)]
     assert said([{**row, "gold/score_std": 0.4} for row in rows]) == []
-    # the same fall with a tenth of the spread is beyond the noise
-    assert [(r, u) for r, _, u in said([{**row, "gold/score_std": 0.04} for row in rows])] == [
-        ("reward_model_exploited", 9)]
+    # the same fall with a tenth of the spread is beyond the noise, and the evidence says by how much
+    precise = findings([{**row, "gold/score_std": 0.04} for row in rows])
+    assert [(f.rule, f.update) for f in precise] == [("reward_model_exploited", 9)]
+    assert "gave back >= 0.3 of its gain, 18.5 standard errors]" in precise[0].message
     # exploit_gold_noise_z sets how many standard errors the fall must reach
     assert said([{**row, "gold/score_std": 0.4} for row in rows], {"doctor": {"exploit_gold_noise_z": 1.0}}) != []
 

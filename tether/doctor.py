@@ -409,10 +409,11 @@ def _gold_falling(h: History) -> Optional[Diagnosis]:
         return rows[i]["update"], rows[i + w - 1]["update"]
 
     severity = "critical" if gold[-1] < gold[0] else "warning"
+    bound = f"gave back >= {_fmt(t.exploit_gold_drop)} of its gain" + (
+        f", {_fmt(lost / math.sqrt(noise))} standard errors" if noise > 0 else "")
     return Diagnosis(severity, "the proxy reward keeps rising while the gold reward falls: the policy exploits "
                      "the reward model's errors (over-optimisation, Gao et al. 2022)",
-                     (Evidence("gold/score", gold[-1], at(len(gold) - 1), f"gave back >= {_fmt(t.exploit_gold_drop)} "
-                               "of its gain", gold[best], at(best)),
+                     (Evidence("gold/score", gold[-1], at(len(gold) - 1), bound, gold[best], at(best)),
                       Evidence("reward/score", proxy[-1], at(len(proxy) - 1), "did not fall", proxy[best], at(best))),
                      _exploit_advice(h, best_update=at(best)[1]))
 
