@@ -140,7 +140,8 @@ def test_gold_scorer_and_held_out_evaluation(tiny_dirs, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["update"] for r in rows] == [0, 1, 2, 3]
     assert set(rows[0]) == {"update", "eval/score", "eval/gold", "eval/kl", "eval/length", "eval/distinct_2"}
-    assert set(rows[1]) == set(ALWAYS_LOGGED) | {"update", "gold/score"}
+    assert set(rows[1]) == set(ALWAYS_LOGGED) | {"update", "gold/score", "gold/score_std"}
+    assert rows[1]["gold/score_std"] >= 0.0
     # The options this run leaves off: vLLM generation, overlong shaping, dynamic sampling.
     other_options = {n for n in PPO_METRIC_NAMES if n.startswith(("generation/", "sampling/"))}
     assert set(rows[2]) == set(PPO_METRIC_NAMES) - other_options - {"reward/overlong_penalty"} | {"update"}
