@@ -37,11 +37,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peak_memory import peak_resident_mb  # noqa: E402  (a sibling script's helper)
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = {"toy": ROOT / "runs" / "demo", "smollm2": ROOT / "runs" / "demo-smollm2"}
@@ -115,17 +117,6 @@ def worker(model: str, name: str, updates: int, out: Path) -> None:
                   total_updates=updates, eval_every=updates)
     build_ppo_trainer(config_from_dict(PPOConfig, values)).train()
     (out / "peak.json").write_text(json.dumps({"peak_mb": peak_resident_mb()}))
-
-
-def peak_resident_mb() -> float:
-    """This process's own peak resident memory. VmHWM starts afresh at exec; ru_maxrss keeps the parent's
-    size at fork, and the parent may just have trained the demo's stages (every run then read 1160 MB)."""
-    status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux, the fallback
 
 
 def summary(name: str, out: Path) -> dict:

@@ -19,18 +19,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peak_memory import peak_resident_mb  # noqa: E402  (a sibling script's helper)
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def prompts_file(root: Path, batch: int) -> Path:
@@ -72,9 +70,9 @@ def child(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     if spec["release_memory"]:  # the same allocator setting for every configuration, the yardstick too
         return_freed_memory_to_os()
-    start_mb = peak_mb()
+    start_mb = peak_resident_mb()
     if spec["kind"] == "sft":
-        return {**sft_step(spec), "import_mb": start_mb, "peak_mb": peak_mb()}
+        return {**sft_step(spec), "import_mb": start_mb, "peak_mb": peak_resident_mb()}
     from tether.config import PPOConfig, config_from_dict
     from tether.pipelines.ppo import build_ppo_trainer
 
@@ -83,11 +81,11 @@ def child(spec: dict) -> dict:
                   max_new_tokens=spec["response"], total_updates=spec["updates"], progress=False, seed=0, temperature=1.0,
                   num_threads=spec["threads"], release_memory=spec["release_memory"], **spec["options"])
     trainer = build_ppo_trainer(config_from_dict(PPOConfig, values))
-    load_mb = peak_mb()
+    load_mb = peak_resident_mb()
     for _ in range(spec["updates"]):  # the last one is timed
         t0 = time.perf_counter()
         metrics = trainer.step()
-    return {"import_mb": start_mb, "load_mb": load_mb, "peak_mb": peak_mb(), "update_s": time.perf_counter() - t0,
+    return {"import_mb": start_mb, "load_mb": load_mb, "peak_mb": peak_resident_mb(), "update_s": time.perf_counter() - t0,
             "generate_s": metrics["time/generate_s"], "score_s": metrics["time/score_s"],
             "train_s": metrics["time/train_s"], "response_length": metrics["response/length"]}
 
