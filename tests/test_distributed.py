@@ -17,11 +17,15 @@ from conftest import REWARDS
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 ROOT = Path(__file__).resolve().parents[1]
+NCCL_LIKE = Path(__file__).with_name("nccl_like")  # its sitecustomize makes every rank run as on CUDA + NCCL
 
 
-def launch(ranks: int, args: list[str]) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc_per_node=ranks ARGS` on CPU, one thread per rank."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+def launch(ranks: int, args: list[str], nccl_like: bool = False) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=ranks ARGS` on CPU, one thread per rank. nccl_like: the
+    process group is initialised as for CUDA GPUs and, like NCCL, refuses CPU tensors unless tether
+    gave it a backend for them (tests/nccl_like/sitecustomize.py)."""
+    path = os.pathsep.join([str(NCCL_LIKE)] * nccl_like + [str(ROOT)])
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
                            *args], capture_output=True, text=True, env=env, timeout=600)
 
@@ -31,14 +35,14 @@ def succeeded(out: subprocess.CompletedProcess) -> None:
     assert out.returncode == 0, out.stderr[first : first + 4000] + "\n...\n" + out.stderr[-1500:]
 
 
-def torchrun(ranks: int, values: dict) -> None:
+def torchrun(ranks: int, values: dict, nccl_like: bool = False) -> None:
     """A PPO run of tests/dist_worker.py with these config values."""
-    succeeded(launch(ranks, [str(WORKER), json.dumps(values)]))
+    succeeded(launch(ranks, [str(WORKER), json.dumps(values)], nccl_like))
 
 
-def torchrun_stage(ranks: int, stage: str, args: dict) -> None:
+def torchrun_stage(ranks: int, stage: str, args: dict, nccl_like: bool = False) -> None:
     """`torchrun ... -m tether STAGE key=value ...`, the command a user types."""
-    succeeded(launch(ranks, ["-m", "tether", stage, *[f"{k}={v}" for k, v in args.items()]]))
+    succeeded(launch(ranks, ["-m", "tether", stage, *[f"{k}={v}" for k, v in args.items()]], nccl_like))
 
 
 def assert_same_metrics_and_files(one: Path, two: Path) -> None:
@@ -208,3 +212,45 @@ def test_reward_training_on_two_ranks_makes_the_same_steps_as_one_rank(tiny_dirs
         assert torch.allclose(one[key], two[key], atol=tolerance, rtol=0), key
     assert len(metrics(runs[1])) == 5  # 36 pairs / 8 per step
     assert_same_metrics_and_files(runs[1], runs[2])
+
+
+def test_every_collective_has_a_backend_when_the_group_is_initialised_for_cuda(tiny_dirs, tmp_path):
+    """As on GPUs, where the group's NCCL backend serves CUDA tensors only: PPO (FSDP2, a reward model,
+    the built-in sampler, a checkpoint), SFT and reward training under two ranks still reduce their
+    CPU scalars and objects, and the PPO run makes the same update as without the CUDA-style group."""
+    plain, cuda_like = tmp_path / "plain", tmp_path / "cuda_like"
+    values = dict(placement="separate", reward_model=str(tiny_dirs["reward"]), reward_fn=None,
+                  data_parallel="fsdp2", fsdp_frozen="shard", save_every=1)
+    torchrun(2, run_values(tiny_dirs, plain, **values))
+    torchrun(2, run_values(tiny_dirs, cuda_like, **values), nccl_like=True)
+    assert_same_metrics_and_files(plain, cuda_like)
+    from tether.tiny import builtin_corpus
+
+    data = tmp_path / "text.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in builtin_corpus(60, seed=2)))
+    torchrun_stage(2, "sft", dict(data=data, output_dir=tmp_path / "sft", init="scratch", vocab_size=256, hidden=32,
+                                  layers=1, heads=2, block_size=32, batch_size=8, max_steps=2, eval_every=2,
+                                  progress="false"), nccl_like=True)
+    assert (tmp_path / "sft" / "final").is_dir()
+
+
+def test_the_nccl_like_group_refuses_cpu_tensors_unless_given_a_cpu_backend(tmp_path):
+    """The stand-in behaves as NCCL does: plain "nccl" serves no CPU tensor (what tether asked for
+    before), tether's spec does."""
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import torch, torch.distributed as dist\n"
+        "from tether import distributed\n"
+        "for spec in ('nccl', distributed.backend_spec('cuda')):\n"
+        "    dist.init_process_group(spec)\n"
+        "    try:\n"
+        "        dist.all_reduce(torch.ones(1)); said = f'{spec} ok'\n"
+        "    except RuntimeError as err:\n"
+        "        said = f'{spec} refused: {err}'\n"
+        "    if dist.get_rank() == 0:\n"
+        "        print(said, flush=True)\n"
+        "    dist.destroy_process_group()\n")
+    out = launch(2, [str(script)], nccl_like=True)
+    succeeded(out)
+    assert "nccl refused: No backend type associated with device type cpu" in out.stdout
+    assert "cpu:gloo,cuda:nccl ok" in out.stdout

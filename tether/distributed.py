@@ -56,15 +56,26 @@ def is_main() -> bool:
 
 
 def init(device_type: str) -> bool:
-    """Join torchrun's process group (gloo on CPU, nccl on CUDA); False when not launched by torchrun."""
+    """Join torchrun's process group; False when not launched by torchrun.
+
+    On CUDA the group gets two backends: NCCL for CUDA tensors (gradients, gathered rows) and gloo
+    for CPU tensors (the few scalars and Python objects the trainers reduce). A group initialised
+    with plain "nccl" serves CUDA tensors only: a CPU tensor fails with "No backend type associated
+    with device type cpu"."""
     if not launched():
         return False
     if not dist.is_initialized():
-        backend = "nccl" if device_type == "cuda" else "gloo"
+        options = {}
         if device_type == "cuda":
             torch.cuda.set_device(local_rank())
-        dist.init_process_group(backend, timeout=timedelta(minutes=30))
+            options["device_id"] = torch.device("cuda", local_rank())  # binds NCCL to this rank's GPU at once
+        dist.init_process_group(backend_spec(device_type), timeout=timedelta(minutes=30), **options)
     return True
+
+
+def backend_spec(device_type: str) -> str:
+    """The backend of each device type tensors may live on: "cpu:gloo,cuda:nccl" for a CUDA run."""
+    return "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
 
 
 def rank_seed(seed: int) -> int:

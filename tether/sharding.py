@@ -30,10 +30,12 @@ from tether import distributed
 _RESHARD = "_tether_reshard_after_forward"  # what fully_shard was told, restored after whole_weights
 
 
-def _mesh():
+def _mesh(model: nn.Module):
+    """A 1-D mesh over every rank, on the device type the model's weights live on (a group serving
+    CPU and CUDA has a backend string such as "cpu:gloo,cuda:nccl": the weights say which applies)."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    device_type = next(model.parameters()).device.type
     return init_device_mesh(device_type, (distributed.world_size(),))
 
 
@@ -50,7 +52,7 @@ def shard(model: nn.Module, root: bool = True) -> nn.Module:
     """fully_shard every transformer block of `model`, then (root=True) the rest of it as one unit."""
     from torch.distributed.fsdp import fully_shard
 
-    mesh, names = _mesh(), block_classes(model)
+    mesh, names = _mesh(model), block_classes(model)
     blocks = [m for m in model.modules() if type(m).__name__ in names]
     if not blocks:
         raise ValueError(f"data_parallel=fsdp2 found no transformer blocks in {type(model).__name__} (it lists no "
