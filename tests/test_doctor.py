@@ -165,6 +165,14 @@ def test_a_first_minibatch_that_differs_from_the_rollout_is_a_setup_bug():
     assert {a.key for a in found[0].advice} == {"dropout", "temperature", "policy"}
 
 
+def test_bf16_rounding_in_the_first_minibatch_is_judged_against_the_bf16_tolerance():
+    rounding = rows_of((1, {"policy/first_minibatch_approx_kl": 5e-4}))
+    assert [f.rule for f in findings(rounding, {"precision": "fp32"})] == ["logprob_mismatch"]
+    assert findings(rounding, {"precision": "bf16-mixed"}) == []
+    bug = rows_of((1, {"policy/first_minibatch_approx_kl": 0.01}))
+    assert [f.rule for f in findings(bug, {"precision": "bf16-mixed"})] == ["logprob_mismatch"]
+
+
 def test_a_critic_that_adds_variance_is_named_and_one_that_predicts_the_mean_is_not():
     bad = findings(rows_of((10, {"value/explained_variance": -0.5})), {"learning_rate": 1e-9})
     assert [(f.rule, f.update) for f in bad] == [("critic_not_learning", 10)]

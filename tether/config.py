@@ -40,7 +40,11 @@ class PPOConfig:
     reward_tokenizer: Optional[str] = opt(None, "Tokenizer of the reward model when it differs from the policy's; default: the reward model's own.")
     gold_reward_fn: Optional[str] = opt(None, "A second scorer 'module:function', never optimised, evaluated on the same samples (gold/score): shows reward-model over-optimisation.")
     tokenizer: Optional[str] = opt(None, "Policy tokenizer path; default: the policy path.")
-    dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "Weights dtype of all models.")
+    precision: Literal["auto", "fp32", "bf16-mixed", "fp16-mixed", "bf16-true"] = opt("auto", "Numeric precision: 'fp32'; 'bf16-mixed' (trainable weights and optimizer state fp32, forward/backward under bf16 autocast, frozen roles stored in bf16); 'bf16-true' (everything bf16: small learning rates barely move the weights); 'auto' = bf16-mixed on CUDA GPUs with bf16, fp32 elsewhere. fp16-mixed is refused (no loss scaler). See docs/scaling.md.")
+    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = opt(None, "Replaced by precision (float32 = fp32, bfloat16 = bf16-true); still read, not with precision.")
+    attn_implementation: Optional[str] = opt(None, "Attention kernel passed to transformers: 'sdpa', 'eager', 'flash_attention_2' (needs flash-attn), ...; null = transformers' default (sdpa where supported).")
+    fp32_lm_head: bool = opt(False, "Under bf16-mixed, compute the policy's output projection (the logits) in fp32.")
+    tf32: bool = opt(True, "On CUDA, let fp32 matmuls use TF32 tensor cores (10-bit mantissa inputs, fp32 accumulation; torch.backends.cuda.matmul.allow_tf32). Affects precision=fp32 runs only.")
     device: str = opt("auto", "Device: 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
     gradient_checkpointing: bool = opt(False, "Trade compute for memory in policy and critic.")
     reuse_scoring_forward: bool = opt(True, "The rollout's policy and critic forwards keep their graph and serve as the "
@@ -78,6 +82,7 @@ class PPOConfig:
     stop_strings: list[str] = opt([], "Extra strings that end a response (EOS always does).")
     generation_backend: Literal["builtin", "vllm"] = opt("builtin", "Who samples: 'builtin' (tether's batched sampler, any device) or 'vllm' (a vLLM engine colocated on each rank's GPU, `pip install 'tether[vllm]'`; weights or the policy adapter pushed after every update; log-probs for PPO are still the trainer's, the gap is logged as generation/logprob_gap).")
     vllm_gpu_memory_utilization: float = opt(0.3, "Share of each GPU's memory the vLLM engine may take (generation_backend=vllm); the rest is training's.")
+    vllm_sleep: bool = opt(True, "generation_backend=vllm: the engine releases its GPU memory (KV cache dropped, weights offloaded to CPU) after each generation, while tether scores and optimises, and wakes for the weight push and the next generation.")
     data_parallel: Literal["ddp", "fsdp2"] = opt("ddp", "Under torchrun: 'ddp' (every rank holds whole models, gradients summed over ranks) or 'fsdp2' (torch FSDP2 `fully_shard`: every transformer block of the trained roles sharded over the ranks, gathered for each forward; see docs/scaling.md). One process: ignored.")
     fsdp_frozen: Literal["shard", "replicate"] = opt("shard", "data_parallel=fsdp2: the frozen roles (reference, reward model) sharded like the trained ones, or a whole copy on every rank (more memory, no gathers when scoring).")
 
@@ -222,6 +227,7 @@ class PPOConfig:
         if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
             raise ConfigError(f"gamma and lam must be in [0, 1], got gamma={self.gamma}, lam={self.lam}")
         _check_lora(self)
+        _check_precision(self)
         if self.placement == "shared_base":
             if self.lora_rank < 1:
                 raise ConfigError("placement=shared_base trains LoRA adapters on one base: set lora_rank (e.g. 16)")
@@ -233,6 +239,10 @@ class PPOConfig:
         elif self.lora_rank:
             raise ConfigError("lora_rank is set but placement=separate trains full models; use placement=shared_base "
                               "for LoRA PPO (policy and critic adapters on one base)")
+        if self.generation_backend == "vllm":  # what the pinned vLLM release cannot serve
+            from tether.generation import check_engine_settings
+
+            check_engine_settings(self)
         _non_negative(self, "overlong_buffer", "overlong_penalty", "dynamic_sampling_max_rounds")
         if self.overlong_buffer > self.max_new_tokens:
             raise ConfigError(f"overlong_buffer={self.overlong_buffer} is longer than max_new_tokens="
@@ -283,6 +293,19 @@ def _check_estimator(cfg: "PPOConfig") -> None:
         import logging
 
         logging.getLogger(__name__).warning("allow_k1_kl_loss=true: %s", message)
+
+
+def _check_precision(cfg: Any) -> None:
+    """fp16-mixed, an unknown precision, or precision beside the old dtype key: refused before anything loads."""
+    from tether.precision import PrecisionError, precision_name
+
+    try:
+        precision_name(cfg.precision, cfg.dtype)
+    except PrecisionError as err:
+        raise ConfigError(str(err)) from err
+    if cfg.attn_implementation is not None and not str(cfg.attn_implementation).strip():
+        raise ConfigError("attn_implementation is empty; use null for transformers' default, or sdpa, eager, "
+                          "flash_attention_2")
 
 
 def _check_lora(cfg: Any) -> None:
@@ -505,7 +528,9 @@ class SFTConfig:
     heads: int = opt(4, "Attention heads for init=scratch.")
     dropout: float = opt(0.0, "Dropout of a model built with init=scratch: 0 suits short pretraining runs, where a small "
                               "model underfits. Pretrained models keep their own.")
-    dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "Weights dtype.")
+    precision: Literal["auto", "fp32", "bf16-mixed", "fp16-mixed", "bf16-true"] = opt("auto", "Numeric precision: 'fp32'; 'bf16-mixed' (trainable weights and optimizer state fp32, forward/backward under bf16 autocast, frozen roles stored in bf16); 'bf16-true' (everything bf16: small learning rates barely move the weights); 'auto' = bf16-mixed on CUDA GPUs with bf16, fp32 elsewhere. fp16-mixed is refused (no loss scaler). See docs/scaling.md.")
+    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = opt(None, "Replaced by precision (float32 = fp32, bfloat16 = bf16-true); still read, not with precision.")
+    attn_implementation: Optional[str] = opt(None, "Attention kernel passed to transformers: 'sdpa', 'eager', 'flash_attention_2' (needs flash-attn), ...; null = transformers' default (sdpa where supported).")
     device: str = opt("auto", "Device: 'auto', 'cpu', 'cuda', ...")
     gradient_checkpointing: bool = opt(False, "Trade compute for memory.")
 
@@ -567,6 +592,7 @@ class SFTConfig:
         _non_negative(self, "warmup_steps", "num_threads", "weight_decay", "save_every", "keep_checkpoints")
         _positive_if_set(self, "max_grad_norm", "max_seconds")
         _check_lora(self)
+        _check_precision(self)
         if self.lora_rank and self.init == "scratch":
             raise ConfigError("lora_rank needs a pretrained model to adapt; with init=scratch train every weight "
                               "(lora_rank=0)")
@@ -577,7 +603,9 @@ class RewardConfig:
     # --- model ----------------------------------------------------------------
     model: str = opt(None, "Backbone to start from, e.g. an SFT checkpoint (required); a scalar head is added.")
     tokenizer: Optional[str] = opt(None, "Tokenizer path; default: the model's.")
-    dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "Weights dtype.")
+    precision: Literal["auto", "fp32", "bf16-mixed", "fp16-mixed", "bf16-true"] = opt("auto", "Numeric precision: 'fp32'; 'bf16-mixed' (trainable weights and optimizer state fp32, forward/backward under bf16 autocast, frozen roles stored in bf16); 'bf16-true' (everything bf16: small learning rates barely move the weights); 'auto' = bf16-mixed on CUDA GPUs with bf16, fp32 elsewhere. fp16-mixed is refused (no loss scaler). See docs/scaling.md.")
+    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = opt(None, "Replaced by precision (float32 = fp32, bfloat16 = bf16-true); still read, not with precision.")
+    attn_implementation: Optional[str] = opt(None, "Attention kernel passed to transformers: 'sdpa', 'eager', 'flash_attention_2' (needs flash-attn), ...; null = transformers' default (sdpa where supported).")
     device: str = opt("auto", "Device: 'auto', 'cpu', 'cuda', ...")
 
     # --- LoRA -------------------------------------------------------------------
@@ -645,3 +673,4 @@ class RewardConfig:
                       "keep_checkpoints")
         _positive_if_set(self, "max_grad_norm")
         _check_lora(self)
+        _check_precision(self)

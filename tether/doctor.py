@@ -79,6 +79,12 @@ class DoctorThresholds:
     mismatch_approx_kl: float = _threshold(1e-4, "logprob_mismatch: `policy/first_minibatch_approx_kl` above this "
                                                  "(it is 0 when rollout and training compute the same log-probs; "
                                                  "bf16 rounding stays far below).")
+    mismatch_approx_kl_bf16: float = _threshold(1e-3, "logprob_mismatch under precision bf16-mixed or bf16-true: "
+                                                      "the first minibatch is scored in a different batch shape "
+                                                      "(and with grad) from the rollout unless the rollout's forward "
+                                                      "is reused, and GPU bf16 kernels may round differently per "
+                                                      "shape. On CPU it measured exactly 0 (docs/scaling.md); this "
+                                                      "bound is provisional until measured on a GPU.")
     mismatch_ratio: float = _threshold(1e-2, "logprob_mismatch: `policy/first_minibatch_ratio_mean` further than "
                                              "this from 1.")
     critic_ev_updates: int = _threshold(10, "critic_not_learning: the latest updates whose mean "
@@ -462,9 +468,12 @@ def _exploit_advice(h: History, best_update: Optional[int], target_kl: Optional[
 def logprob_mismatch(h: History) -> Optional[Diagnosis]:
     t = h.t
     kl, ratio = h.latest("policy/first_minibatch_approx_kl"), h.latest("policy/first_minibatch_ratio_mean")
+    bf16 = str(h.config.get("precision", "")).startswith("bf16")
+    limit = t.mismatch_approx_kl_bf16 if bf16 else t.mismatch_approx_kl
     evidence = []
-    if kl and kl.value > t.mismatch_approx_kl:
-        evidence.append(dataclasses.replace(kl, bound=f"> {_fmt(t.mismatch_approx_kl)}; 0 when consistent"))
+    if kl and kl.value > limit:
+        evidence.append(dataclasses.replace(kl, bound=f"> {_fmt(limit)}; 0 when consistent"
+                                            + (" (up to bf16 rounding)" if bf16 else "")))
     if ratio and abs(ratio.value - 1) > t.mismatch_ratio:
         evidence.append(dataclasses.replace(ratio, bound=f"|ratio - 1| > {_fmt(t.mismatch_ratio)}; 1 when consistent"))
     if not evidence:
@@ -584,7 +593,7 @@ RULES: tuple[Rule, ...] = (
     Rule("logprob_mismatch", "The first minibatch of an update sees exactly the rollout's policy, so its approx-KL "
          "is 0 and its ratio 1 (N-details item 15). Anything else means sampling and training compute log-probs "
          "differently (dropout on, another temperature, a train-mode layer): a bug in the setup.",
-         ("mismatch_approx_kl", "mismatch_ratio"), logprob_mismatch),
+         ("mismatch_approx_kl", "mismatch_approx_kl_bf16", "mismatch_ratio"), logprob_mismatch),
     Rule("critic_not_learning", "With a critic (advantage_estimator=gae): its explained variance, averaged over the "
          "latest `critic_ev_updates` updates, is below `critic_ev_max` (slightly below 0): its values add variance "
          "to the advantages instead of removing it.", ("critic_ev_updates", "critic_ev_max"), critic_not_learning),

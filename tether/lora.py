@@ -256,12 +256,13 @@ def require_full_model(path: str, what: str) -> None:
                         f"(`tether export {path} {path}-merged`) and point {what} at that directory")
 
 
-def build_lora_reward_model(base, settings: LoraSettings) -> LoraRewardModel:
-    """A fresh reward adapter (B = 0) and head N(0, 1/sqrt(d+1)), bias 0 (N-details item 6) on `base`."""
+def build_lora_reward_model(base, settings: LoraSettings, head_dtype: Optional[torch.dtype] = None) -> LoraRewardModel:
+    """A fresh reward adapter (B = 0) and head N(0, 1/sqrt(d+1)), bias 0 (N-details item 6) on `base`;
+    the head in `head_dtype` (the trainable dtype: fp32 over a bf16 base under bf16-mixed)."""
     from tether.trainers.reward import init_score_head
 
     peft_model = add_lora(base, settings, adapter="reward")
-    head = nn.Linear(base.config.get_text_config().hidden_size, 1).to(base.dtype)
+    head = nn.Linear(base.config.get_text_config().hidden_size, 1).to(head_dtype or base.dtype)
     init_score_head(head)
     # The Bradley-Terry loss sees only score differences: the bias's gradient is exactly 0, and
     # Adam would turn its rounding noise into steps. Normalisation sets it after training.

@@ -115,6 +115,15 @@ def changed_keys(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
 
 
+def with_precision(saved: dict[str, Any]) -> dict[str, Any]:
+    """A config written before `precision` replaced `dtype`, as it would be written now."""
+    if "precision" in saved or "dtype" not in saved:
+        return saved
+    legacy = {"float32": "fp32", "bfloat16": "bf16-true"}
+    return {**saved, "precision": legacy.get(saved["dtype"], saved["dtype"]), "dtype": None,
+            "attn_implementation": None, **({"fp32_lm_head": False, "tf32": True} if "kl_coef" in saved else {})}
+
+
 def check_resumable_config(path: Path, current: dict[str, Any]) -> None:
     import yaml
 
@@ -122,7 +131,7 @@ def check_resumable_config(path: Path, current: dict[str, Any]) -> None:
     if not saved_file.is_file():
         raise RunDirError(f"cannot resume {path}: it has no {CONFIG_FILE}, so nothing says how it was run; "
                           "start a new run (resume=false) in an empty output_dir")
-    saved = yaml.safe_load(saved_file.read_text()) or {}
+    saved = with_precision(yaml.safe_load(saved_file.read_text()) or {})
     changes = changed_keys(saved, current)
     if changes:
         raise RunDirError(

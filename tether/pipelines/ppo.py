@@ -18,6 +18,7 @@ from tether import distributed
 from tether.checkpoint import seed_everything
 from tether.config import ConfigError, PPOConfig, config_to_dict, lora_settings, save_config
 from tether.data import load_records, load_texts, pack_texts, tokenize_prompts
+from tether.generation import engine_embedding_rows
 from tether.models import (
     disable_dropout,
     freeze,
@@ -30,8 +31,8 @@ from tether.models import (
     pick_device,
     resize_for_tokenizer,
     same_vocabulary,
-    torch_dtype,
 )
+from tether.precision import Precision, PrecisionError, keep_lm_head_fp32, resolve_precision
 from tether.rewards import ModelReward, load_reward_fn, reward_eos
 from tether.rundir import RunStart, commit_run, open_run
 from tether.roles import SeparateRoles, SharedBaseRoles
@@ -150,15 +151,16 @@ def build_ppo_trainer(cfg: PPOConfig, generation=None) -> PPOTrainer:
     configured one (tether/generation.py)."""
     cfg.validate()
     join_ranks(cfg)
+    precision = settle_precision(cfg)  # before the run directory compares a resumed config with its own
     start = start_run(cfg)
     with locked(start, until_done=False):
-        return _build_ppo_trainer(cfg, start, generation)
+        return _build_ppo_trainer(cfg, start, precision, generation)
 
 
-def _build_ppo_trainer(cfg: PPOConfig, start: RunStart, generation=None) -> PPOTrainer:
-    device, dtype = pick_device(cfg.device), torch_dtype(cfg.dtype)
+def _build_ppo_trainer(cfg: PPOConfig, start: RunStart, precision: Precision, generation=None) -> PPOTrainer:
+    device = pick_device(cfg.device)
 
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.policy)
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.policy, engine_embedding_rows(cfg))  # vllm: pad in its vocab
     prompts = load_prompts(cfg, tokenizer)
     reward_fn = load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None  # import errors before loading models
     check_sink_packages(cfg.log_with)
@@ -167,7 +169,7 @@ def _build_ppo_trainer(cfg: PPOConfig, start: RunStart, generation=None) -> PPOT
         ptx_blocks = pack_texts(load_texts(cfg.ptx_data, cfg.ptx_field), tokenizer, cfg.ptx_block_size)
         log.info("PPO-ptx: %d blocks of %d tokens from %s", len(ptx_blocks), cfg.ptx_block_size, cfg.ptx_data)
 
-    roles = build_roles(cfg, tokenizer, dtype, device, reward_fn)
+    roles = build_roles(cfg, tokenizer, precision, device, reward_fn)
     gold = load_reward_fn(cfg.gold_reward_fn) if cfg.gold_reward_fn else None
     eval_prompts = load_prompts(cfg, tokenizer, cfg.eval_prompts)[: cfg.eval_max_prompts] if cfg.eval_prompts else None
     if start.checkpoint is not None:
@@ -181,7 +183,7 @@ def _build_ppo_trainer(cfg: PPOConfig, start: RunStart, generation=None) -> PPOT
                      "sharded" if cfg.fsdp_frozen == "shard" else "whole on every rank")
     generation = generation or generation_backend(cfg)
     trainer = PPOTrainer(cfg, roles, tokenizer, prompts, ptx_blocks=ptx_blocks, run_dir=start.path, device=device,
-                         gold=gold, eval_prompts=eval_prompts, generation=generation)
+                         gold=gold, eval_prompts=eval_prompts, generation=generation, precision=precision)
     if start.checkpoint is not None:
         trainer.load_state(start.checkpoint, weights=False)
         log.info("resuming %s from %s (update %d of %d)", start.path, start.checkpoint, trainer.update,
@@ -192,6 +194,31 @@ def _build_ppo_trainer(cfg: PPOConfig, start: RunStart, generation=None) -> PPOT
         trainer.tracker = make_tracker(run_dir, cfg.log_with, cfg.wandb_project, config_to_dict(cfg))
     trainer.lock = start.lock
     return trainer
+
+
+def settle_precision(cfg) -> Precision:
+    """The stage's precision for its device (`auto` resolved), written back into the config so that
+    config.yaml records what ran; TF32 for fp32 matmuls on CUDA as configured (any stage's config)."""
+    try:
+        precision = resolve_precision(cfg.precision, cfg.dtype, pick_device(cfg.device))
+    except PrecisionError as err:
+        raise ConfigError(str(err)) from err
+    cfg.precision, cfg.dtype = precision.name, None
+    if pick_device(cfg.device).type == "cuda":
+        allow = getattr(cfg, "tf32", True)
+        torch.backends.cuda.matmul.allow_tf32 = allow  # fp32 matmuls on tensor cores (10-bit mantissa inputs)
+        torch.backends.cudnn.allow_tf32 = allow
+    return precision
+
+
+def use_attention(model: nn.Module, name: Optional[str]) -> nn.Module:
+    """The configured attention kernel (transformers' `set_attn_implementation`); None keeps the default."""
+    if name:
+        try:
+            model.set_attn_implementation(name)
+        except (ImportError, ValueError) as err:
+            raise ConfigError(f"attn_implementation={name}: {err}. Use sdpa or eager, or install what it names") from err
+    return model
 
 
 def generation_backend(cfg: PPOConfig):
@@ -207,20 +234,23 @@ def generation_backend(cfg: PPOConfig):
     return VLLMBackend.start(cfg.policy, cfg, scratch, distributed.rank_seed(cfg.seed))
 
 
-def build_roles(cfg: PPOConfig, tokenizer, dtype, device, reward_fn=None):
-    """The four roles in the configured placement (tether/roles.py)."""
+def build_roles(cfg: PPOConfig, tokenizer, precision: Precision, device, reward_fn=None):
+    """The four roles in the configured placement (tether/roles.py): trained weights in the
+    precision's trainable dtype (fp32 master weights under bf16-mixed), frozen roles in its frozen one."""
     if cfg.placement == "shared_base":
-        return build_shared_base_roles(cfg, tokenizer, dtype, device, reward_fn)
-    policy = prepare(load_causal_lm(cfg.policy, dtype), tokenizer, device)
+        return build_shared_base_roles(cfg, tokenizer, precision, device, reward_fn)
+    policy = prepare(load_causal_lm(cfg.policy, precision.trainable), tokenizer, device, cfg)
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
     if cfg.reference:
-        reference = prepare(load_causal_lm(cfg.reference, dtype), tokenizer, device)
+        reference = prepare(load_causal_lm(cfg.reference, precision.frozen), tokenizer, device, cfg)
         check_reference_vocabulary(cfg, tokenizer)
     else:
-        reference = frozen_copy(policy)
-    reward = reward_fn or load_model_reward(cfg, tokenizer, dtype, device, policy)
-    critic = load_critic(cfg, tokenizer, dtype, device) if cfg.uses_critic else None  # critic-free: none at all
+        reference = frozen_copy(policy).to(precision.frozen)
+    if cfg.fp32_lm_head and precision.mixed:
+        keep_lm_head_fp32(policy)
+    reward = reward_fn or load_model_reward(cfg, tokenizer, precision.frozen, device, policy)
+    critic = load_critic(cfg, tokenizer, precision.trainable, device) if cfg.uses_critic else None  # critic-free: none
     return SeparateRoles(policy, reference, critic, reward)
 
 
@@ -237,7 +267,7 @@ def check_reference_vocabulary(cfg: PPOConfig, tokenizer) -> None:
                          "token, so the reference must share the policy's vocabulary (e.g. the policy's SFT model)")
 
 
-def build_shared_base_roles(cfg: PPOConfig, tokenizer, dtype, device, reward_fn=None) -> SharedBaseRoles:
+def build_shared_base_roles(cfg: PPOConfig, tokenizer, precision: Precision, device, reward_fn=None) -> SharedBaseRoles:
     """One base, LoRA adapters: policy, critic and (from a LoRA reward model) reward."""
     from tether.lora import (
         add_adapter,
@@ -252,7 +282,11 @@ def build_shared_base_roles(cfg: PPOConfig, tokenizer, dtype, device, reward_fn=
     )
 
     require_full_model(cfg.policy, "policy")
-    base = prepare(load_causal_lm(cfg.policy, dtype), tokenizer, device)
+    # The base never learns: stored in the frozen dtype; peft keeps the adapters in fp32 (autocast_adapter_dtype).
+    dtype = precision.frozen
+    base = prepare(load_causal_lm(cfg.policy, dtype), tokenizer, device, cfg)
+    if cfg.fp32_lm_head and precision.mixed:
+        keep_lm_head_fp32(base)
     if cfg.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     settings = lora_settings(cfg)
@@ -260,7 +294,7 @@ def build_shared_base_roles(cfg: PPOConfig, tokenizer, dtype, device, reward_fn=
     hidden = base.config.get_text_config().hidden_size
     value_head = None
     if cfg.uses_critic:  # critic-free estimators: no critic adapter, no value head
-        value_head = nn.Linear(hidden, 1).to(device=device, dtype=dtype)
+        value_head = nn.Linear(hidden, 1).to(device=device, dtype=precision.trainable)
         nn.init.zeros_(value_head.weight)  # the first values are 0, not noise (N-details item 6)
         nn.init.zeros_(value_head.bias)
     reward_head = reward = reward_eos_ids = None
@@ -299,10 +333,12 @@ def load_prompts(cfg: PPOConfig, tokenizer, source: Optional[str] = None) -> lis
     return prompts
 
 
-def prepare(model, tokenizer, device):
-    """Every role: tokenizer-sized embeddings, no dropout (N-details item 4), on its device."""
+def prepare(model, tokenizer, device, cfg=None):
+    """Every role: tokenizer-sized embeddings, no dropout (N-details item 4), the configured
+    attention kernel, on its device."""
     resize_for_tokenizer(model, tokenizer)
     disable_dropout(model)
+    use_attention(model, getattr(cfg, "attn_implementation", None))
     return model.to(device)
 
 

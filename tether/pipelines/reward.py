@@ -40,10 +40,10 @@ from tether.models import (
     pick_device,
     resize_for_tokenizer,
     same_vocabulary,
-    torch_dtype,
     use_fused_kernels,
 )
-from tether.pipelines.ppo import commit, join_ranks, locked, start_run
+from tether.pipelines.ppo import commit, join_ranks, locked, settle_precision, start_run, use_attention
+from tether.precision import BY_NAME
 from tether.rundir import prune_checkpoints
 from tether.rewards import reward_eos
 from tether.tracking import JsonlSink
@@ -78,12 +78,13 @@ def run_reward(cfg: RewardConfig) -> dict[str, float]:
     # 1. Config, threads, seed, run directory.
     validate_reward_config(cfg)
     join_ranks(cfg)
+    settle_precision(cfg)  # before the run directory compares a resumed config with its own
     with locked(start_run(cfg)) as start:
         return _run_reward(cfg, start)
 
 
 def _run_reward(cfg: RewardConfig, start) -> dict[str, float]:
-    device, dtype = pick_device(cfg.device), torch_dtype(cfg.dtype)
+    device, precision = pick_device(cfg.device), BY_NAME[cfg.precision]
 
     # 2. Data before models: a bad record fails in seconds, not after loading weights.
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
@@ -91,7 +92,9 @@ def _run_reward(cfg: RewardConfig, start) -> dict[str, float]:
     norm_prompts = load_normalization_prompts(cfg, tokenizer) if cfg.normalize_policy else None
 
     # 3. Model: backbone + scalar head, sized for the tokenizer, dropout off.
-    model = load_reward_backbone(cfg.model, tokenizer, dtype, lora_settings(cfg)).to(device)
+    lora = lora_settings(cfg)  # a LoRA base never learns: the frozen dtype (peft keeps the adapter fp32)
+    model = load_reward_backbone(cfg.model, tokenizer, precision.frozen if lora else precision.trainable, lora,
+                                 cfg.attn_implementation, precision.trainable).to(device)
     if cfg.normalize_policy and score_head(model) is not None and score_head(model).bias is None:
         final_norm(model)  # fail now, not after training, when the shift has nowhere to go
 
@@ -108,7 +111,8 @@ def _run_reward(cfg: RewardConfig, start) -> dict[str, float]:
     if distributed.active():  # identical starting weights (the score head's init included), own random streams
         distributed.broadcast_parameters([p for p in model.parameters() if p.requires_grad])
         seed_everything(distributed.rank_seed(cfg.seed))
-    trainer = RewardTrainer(cfg, model, tokenizer.pad_token_id, train_pairs, eval_pairs, device=device, save=save)
+    trainer = RewardTrainer(cfg, model, tokenizer.pad_token_id, train_pairs, eval_pairs, device=device, save=save,
+                            precision=precision)
     if start.checkpoint is not None:
         trainer.load_state(*read_trainer_state(start.checkpoint))
         log.info("resuming %s from %s (step %d of %d)", start.path, start.checkpoint, trainer.step,
@@ -123,7 +127,7 @@ def _run_reward(cfg: RewardConfig, start) -> dict[str, float]:
 
         # 5. Optional gain/bias so the policy's responses score mean 0, std 1.
         if cfg.normalize_policy:
-            stats = normalize_on_policy(cfg, model, tokenizer, norm_prompts, device, dtype)
+            stats = normalize_on_policy(cfg, model, tokenizer, norm_prompts, device, precision.frozen)
             summary.update(stats)  # not in metrics.jsonl: its rows are optimizer steps
     finally:
         if sink is not None:
@@ -302,7 +306,8 @@ def split_by_prompt(pairs: PreferencePairs, fraction: float, seed: int) -> tuple
 # --- model ------------------------------------------------------------------------------
 
 
-def load_reward_backbone(path: str, tokenizer, dtype: torch.dtype = torch.float32, lora=None):
+def load_reward_backbone(path: str, tokenizer, dtype: torch.dtype = torch.float32, lora=None,
+                         attn_implementation: Optional[str] = None, head_dtype: Optional[torch.dtype] = None):
     """``AutoModelForSequenceClassification(num_labels=1)`` from a causal LM (or a reward model);
     with ``lora`` (LoraSettings) a LoraRewardModel: the causal LM's backbone, a reward adapter and a head.
 
@@ -314,13 +319,14 @@ def load_reward_backbone(path: str, tokenizer, dtype: torch.dtype = torch.float3
 
     if lora is not None:
         require_full_model(path, "model")
-        base = load_causal_lm(path, dtype)
+        base = use_attention(load_causal_lm(path, dtype), attn_implementation)
         resize_for_tokenizer(base, tokenizer)
         disable_dropout(base)
-        return build_lora_reward_model(base, lora)
+        return build_lora_reward_model(base, lora, head_dtype)
     model, info = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype,
                                                                      output_loading_info=True)
     use_fused_kernels(model)
+    use_attention(model, attn_implementation)
     head = score_head(model)
     if head is not None and any(k.split(".")[0] == "score" for k in info.get("missing_keys", ())):
         init_score_head(head)

@@ -13,8 +13,9 @@ from tether.config import SFTConfig
 from tether.data import DataError, load_records, load_texts, pack_texts
 from tether.config import lora_settings
 from tether.lora import add_lora, require_full_model
-from tether.models import load_causal_lm, load_tokenizer, pick_device, torch_dtype
-from tether.pipelines.ppo import commit, join_ranks, locked, start_run
+from tether.models import load_causal_lm, load_tokenizer, pick_device
+from tether.pipelines.ppo import commit, join_ranks, locked, settle_precision, start_run, use_attention
+from tether.precision import BY_NAME
 from tether.rundir import prune_checkpoints
 from tether.tiny import tiny_config, train_tokenizer
 from tether.tracking import JsonlSink
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 def run_sft(cfg: SFTConfig) -> dict[str, float]:
     cfg.validate()
     join_ranks(cfg)
+    settle_precision(cfg)  # before the run directory compares a resumed config with its own
     with locked(start_run(cfg)) as start:
         return _run_sft(cfg, start)
 
@@ -64,7 +66,8 @@ def _run_sft(cfg: SFTConfig, start) -> dict[str, float]:
     if distributed.active():  # identical starting weights; then each rank draws its own dropout
         distributed.broadcast_parameters([p for p in model.parameters() if p.requires_grad])
         seed_everything(distributed.rank_seed(cfg.seed))
-    trainer = SFTTrainer(cfg, model, train_blocks, eval_blocks, None, device, save=save)
+    trainer = SFTTrainer(cfg, model, train_blocks, eval_blocks, None, device, save=save,
+                         precision=BY_NAME[cfg.precision])
     if start.checkpoint is not None:
         trainer.load_state(*read_trainer_state(start.checkpoint))
         log.info("resuming %s from %s (step %d of %d)", start.path, start.checkpoint, trainer.step_count,
@@ -138,16 +141,20 @@ def split_documents(cfg: SFTConfig, docs: list[str]) -> tuple[list[str], list[st
 
 
 def sft_model(cfg: SFTConfig, tokenizer):
+    precision = BY_NAME[cfg.precision]
     from transformers import AutoModelForCausalLM
 
     if cfg.init == "scratch":
         config = tiny_config(cfg.arch, tokenizer, hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads,
                              max_positions=max(cfg.block_size, 512), dropout=cfg.dropout)
-        return AutoModelForCausalLM.from_config(config).to(torch_dtype(cfg.dtype))
+        return use_attention(AutoModelForCausalLM.from_config(config).to(precision.trainable),
+                             cfg.attn_implementation)
     settings = lora_settings(cfg)
     if settings is not None:
         require_full_model(cfg.model, "model")
-    model = load_causal_lm(cfg.model, torch_dtype(cfg.dtype))
+    # A LoRA base never learns: stored in the frozen dtype; peft keeps the adapter fp32 (autocast_adapter_dtype).
+    model = use_attention(load_causal_lm(cfg.model, precision.frozen if settings else precision.trainable),
+                          cfg.attn_implementation)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     if settings is None:

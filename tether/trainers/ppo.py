@@ -63,6 +63,7 @@ from tether.doctor import Doctor, Finding, severity_rank
 from tether.text_health import distinct_n, repeated_ngram_rate
 from tether.generation import BuiltinSampler, GenerationBackend, logprob_gap
 from tether.models import eos_token_ids
+from tether.precision import FP32, Precision
 from tether.roles import Roles
 from tether.rollout import GenerationSettings, Rollout, collect_rollout, concat_rollouts, select_rows
 from tether.sharding import full_optimizer_state, local_optimizer_state
@@ -156,8 +157,9 @@ class PPOTrainer:
     def __init__(self, cfg: PPOConfig, roles: Roles, tokenizer, prompts: list[list[int]],
                  tracker: Optional[Tracker] = None, ptx_blocks: Optional[Tensor] = None,
                  run_dir: Optional[Path] = None, device: torch.device = torch.device("cpu"), gold=None,
-                 eval_prompts: Optional[list[list[int]]] = None, generation: Optional[GenerationBackend] = None):
-        self.cfg, self.roles = cfg, roles
+                 eval_prompts: Optional[list[list[int]]] = None, generation: Optional[GenerationBackend] = None,
+                 precision: Precision = FP32):
+        self.cfg, self.roles, self.precision = cfg, roles, precision
         self.tokenizer, self.prompts, self.tracker, self.device = tokenizer, prompts, tracker, device
         self.generation = generation or BuiltinSampler()
         self.world = distributed.world_size()
@@ -459,9 +461,15 @@ class PPOTrainer:
     def rollout(self, indices: list[int]) -> Rollout:
         prompt_ids, prompt_mask = left_pad([self.prompts[i] for i in indices], self.tokenizer.pad_token_id)
         self.roles.eval()
-        return collect_rollout(self.roles, self.tokenizer, prompt_ids.to(self.device), prompt_mask.to(self.device),
-                               self.settings, self.cfg.rollout_batch_size, keep_graph=self.reuses_scoring_forward(),
-                               backend=self.generation)
+        with self.forwards():
+            return collect_rollout(self.roles, self.tokenizer, prompt_ids.to(self.device), prompt_mask.to(self.device),
+                                   self.settings, self.cfg.rollout_batch_size, keep_graph=self.reuses_scoring_forward(),
+                                   backend=self.generation)
+
+    def forwards(self):
+        """Where every model forward runs: under bf16 autocast for precision=bf16-mixed (backward then
+        follows the dtypes autocast chose); log-probs and losses stay fp32 (tether/algo upcasts)."""
+        return self.precision.forward_context(self.device)
 
     def reuses_scoring_forward(self) -> bool:
         """The first optimizer step sees the whole batch in one micro-batch with the rollout's weights:
@@ -592,15 +600,16 @@ class PPOTrainer:
         cfg = self.cfg
         length = micro.response_mask.shape[1]
         frozen = self.policy_frozen()
-        with torch.set_grad_enabled(not frozen):
+        with torch.set_grad_enabled(not frozen), self.forwards():
             loss, stats = self.policy_loss(micro, num_tokens, num_sequences)
         if not frozen:
             _check_finite(loss, "policy loss", self.update)
             loss.backward()
         if self.critic_optimizer is None:  # critic-free estimators
             return stats
-        values = (micro.graph[1] if micro.graph is not None
-                  else self.roles.values(micro.input_ids, micro.attention_mask, length, micro.trunk))
+        with self.forwards():
+            values = (micro.graph[1] if micro.graph is not None
+                      else self.roles.values(micro.input_ids, micro.attention_mask, length, micro.trunk))
         v_loss, vs = clipped_value_loss(values, micro.old_values, micro.returns, micro.response_mask,
                                         cfg.value_clip_eps, num_tokens=num_tokens)
         _check_finite(v_loss, "value loss", self.update)
@@ -642,7 +651,8 @@ class PPOTrainer:
         """PPO-ptx (Ouyang et al. 2022 eq. 2): ptx_coef × LM loss on pretraining text, same loss as SFT."""
         blocks = self.ptx_sampler.next_batch(self.cfg.ptx_batch_size).to(self.device)
         mask = torch.ones_like(blocks)
-        logits = self.roles.lm_logits(blocks, mask)
+        with self.forwards():
+            logits = self.roles.lm_logits(blocks, mask)
         loss, stats = lm_loss(logits, blocks, mask)
         _check_finite(loss, "ptx loss", self.update)
         # Each rank's own blocks; the gradients are summed over ranks, so each counts 1/world of the mean.
@@ -770,8 +780,9 @@ class PPOTrainer:
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(cfg.seed + 3)
-            rollout = collect_rollout(self.roles, self.tokenizer, prompt_ids.to(self.device),
-                                      prompt_mask.to(self.device), self.settings, cfg.rollout_batch_size or cfg.batch_size)
+            with self.forwards():
+                rollout = collect_rollout(self.roles, self.tokenizer, prompt_ids.to(self.device), prompt_mask.to(
+                    self.device), self.settings, cfg.rollout_batch_size or cfg.batch_size)
         mask = rollout.response_mask
         kl = ((rollout.logprobs - rollout.ref_logprobs) * mask).sum(-1)  # k1 summed per response
         metrics = {"eval/score": rollout.scores.mean().item(), "eval/kl": kl.mean().item(),

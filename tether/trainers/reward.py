@@ -58,6 +58,7 @@ from tether.models import (
     score_head,
     start_at_block,
 )
+from tether.precision import FP32, Precision
 from tether.rollout import GenerationSettings, sample_responses
 from tether.tracking import MetricSink
 from tether.trainers import adamw, clip_grad_norm
@@ -219,10 +220,12 @@ class RewardTrainer:
 
     def __init__(self, cfg: RewardConfig, model: nn.Module, pad_id: int, train_pairs: PreferencePairs,
                  eval_pairs: Optional[PreferencePairs] = None, sink: Optional[MetricSink] = None,
-                 device: torch.device = torch.device("cpu"), save: Optional[Callable[["RewardTrainer"], None]] = None):
+                 device: torch.device = torch.device("cpu"), save: Optional[Callable[["RewardTrainer"], None]] = None,
+                 precision: Precision = FP32):
         if len(train_pairs) == 0:
             raise ValueError("RewardTrainer needs at least one training pair")
         self.cfg, self.model, self.pad_id, self.device = cfg, model, pad_id, device
+        self.precision = precision  # bf16-mixed: forwards under bf16 autocast, fp32 weights and AdamW state
         self.train_pairs, self.eval_pairs, self.sink = train_pairs, eval_pairs, sink
         self.save = save  # called with the trainer every save_every steps
         if len(train_pairs) < cfg.batch_size:
@@ -387,7 +390,7 @@ class RewardTrainer:
         if self.trunks is not None:
             trunk = self.trunks.trunk(unique, input_ids, attention_mask)  # (U, L, H)
             start = start_at_block(self.trunks.backbone, self.trunks.end, trunk)
-        with start:
+        with start, self.precision.forward_context(self.device):
             scores = reward_model_forward(self.model, input_ids, attention_mask)
         scores = scores[torch.tensor(where, device=scores.device)]  # (2N,)
         return scores[: len(pairs)], scores[len(pairs):]

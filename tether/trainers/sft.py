@@ -19,6 +19,7 @@ from tether.checkpoint import restore_random_streams, with_random_streams
 from tether.config import SFTConfig
 from tether.data import BlockSampler
 from tether.models import position_ids_from_mask
+from tether.precision import FP32, Precision
 from tether.tracking import JsonlSink
 from tether.trainers import adamw, clip_grad_norm
 from tether.trainers.ppo import NonFiniteError, lr_lambda
@@ -56,8 +57,9 @@ class SFTTrainer:
 
     def __init__(self, cfg: SFTConfig, model: nn.Module, train_blocks: Tensor, eval_blocks: Optional[Tensor],
                  sink: Optional[JsonlSink] = None, device: torch.device = torch.device("cpu"),
-                 save: Optional[Callable[["SFTTrainer"], None]] = None):
+                 save: Optional[Callable[["SFTTrainer"], None]] = None, precision: Precision = FP32):
         self.cfg, self.model, self.eval_blocks, self.sink, self.device = cfg, model, eval_blocks, sink, device
+        self.precision = precision  # bf16-mixed: forwards under bf16 autocast, fp32 weights and AdamW state
         self.save = save  # called with the trainer every save_every steps
         self.sampler = BlockSampler(train_blocks, seed=cfg.seed)
         self.optimizer = adamw([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate, eps=cfg.adam_eps,
@@ -100,7 +102,8 @@ class SFTTrainer:
         blocks = every[distributed.share(range(len(every)))].to(self.device)  # this rank's share
         total = 0.0
         for micro in blocks.split(cfg.micro_batch_size // distributed.world_size()):
-            loss, _ = block_loss(self.model, micro, num_tokens=num_tokens)
+            with self.precision.forward_context(self.device):
+                loss, _ = block_loss(self.model, micro, num_tokens=num_tokens)
             if distributed.any_rank(not torch.isfinite(loss)):
                 self.optimizer.zero_grad(set_to_none=True)
                 raise NonFiniteError(f"non-finite SFT loss at step {self.step_count}; lower learning_rate")
@@ -132,7 +135,8 @@ class SFTTrainer:
     def evaluate(self) -> dict[str, float]:
         if self.eval_blocks is None or len(self.eval_blocks) == 0:
             return {}
-        return evaluate_lm(self.model, self.eval_blocks.to(self.device), self.cfg.micro_batch_size)
+        with self.precision.forward_context(self.device):
+            return evaluate_lm(self.model, self.eval_blocks.to(self.device), self.cfg.micro_batch_size)
 
     def log(self, metrics: dict[str, float]) -> None:
         if self.sink is not None:
