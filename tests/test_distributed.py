@@ -254,3 +254,23 @@ def test_the_nccl_like_group_refuses_cpu_tensors_unless_given_a_cpu_backend(tmp_
     succeeded(out)
     assert "nccl refused: No backend type associated with device type cpu" in out.stdout
     assert "cpu:gloo,cuda:nccl ok" in out.stdout
+
+
+@pytest.mark.parametrize("placement", ["separate", "shared_base"])
+def test_fsdp2_under_bf16_mixed_makes_the_update_of_one_process(tiny_dirs, tmp_path, placement):
+    """FSDP2 with MixedPrecisionPolicy (bf16 gathers, fp32 reduction) against one process under bf16
+    autocast: the same update within bf16 rounding, fp32 weights written."""
+    runs = {}
+    for name, ranks in (("one", 1), ("fsdp2", 2)):
+        runs[name] = tmp_path / name
+        values = {k: str(tiny_dirs["reward"]) if v == "REWARD_MODEL" else v for k, v in PLACEMENTS[placement].items()}
+        torchrun(ranks, run_values(tiny_dirs, runs[name], fixed_responses=True, precision="bf16-mixed",
+                                   data_parallel="fsdp2", fsdp_frozen="shard", **values))
+    one, two = weights(runs["one"]), weights(runs["fsdp2"])
+    assert one.keys() == two.keys()
+    for key in one:
+        assert one[key].dtype == torch.float32, key
+        assert torch.allclose(one[key], two[key], atol=2e-3, rtol=0), (key, (one[key] - two[key]).abs().max())
+    for m1, m2 in zip(metrics(runs["one"]), metrics(runs["fsdp2"]), strict=True):
+        for key in ("reward/score", "kl/mean", "policy/loss"):
+            assert m2[key] == pytest.approx(m1[key], rel=0.05, abs=0.01), key

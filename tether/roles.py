@@ -97,9 +97,10 @@ class Roles(Protocol):
 
     def eval(self) -> None: ...
 
-    def shard(self, frozen: bool) -> None:
+    def shard(self, frozen: bool, compute_dtype: Optional[torch.dtype] = None) -> None:
         """FSDP2 (tether/sharding.py): shard the trained roles' blocks over the ranks, and with
-        `frozen` the frozen roles' too. Call before any optimizer is built on `trainable`."""
+        `frozen` the frozen roles' too; `compute_dtype` under bf16-mixed. Call before any optimizer
+        is built on `trainable`."""
 
     def save(self, path: Path, tokenizer, state: Optional[dict] = None, tensors: Optional[dict] = None,
              write: bool = True) -> Path:
@@ -197,16 +198,17 @@ class SeparateRoles:
             if model is not None:
                 model.eval()
 
-    def shard(self, frozen: bool) -> None:
+    def shard(self, frozen: bool, compute_dtype: Optional[torch.dtype] = None) -> None:
         from tether.sharding import shard
 
-        shard(self.policy)
+        shard(self.policy, compute_dtype=compute_dtype)
         if self.critic is not None:
-            shard(self.critic)
+            shard(self.critic, compute_dtype=compute_dtype)
         if frozen:
-            shard(self.reference)
+            shard(self.reference, compute_dtype=compute_dtype)
             if isinstance(getattr(self.reward, "model", None), nn.Module):
-                shard(self.reward.model, root=False)  # scored through its inner transformer, past the outer hooks
+                # scored through its inner transformer, past the outer hooks
+                shard(self.reward.model, root=False, compute_dtype=compute_dtype)
 
     def save(self, path, tokenizer, state=None, tensors=None, write=True) -> Path:
         """Policy in plain transformers format at `path`, the critic in `path/critic`."""
@@ -396,14 +398,15 @@ class SharedBaseRoles:
         if self.value_head is not None:
             self.value_head.eval()
 
-    def shard(self, frozen: bool) -> None:
+    def shard(self, frozen: bool, compute_dtype: Optional[torch.dtype] = None) -> None:
         """The base's blocks (LoRA weights inside them included); embeddings, final norm and head stay
         whole: the trunk and the critic reach into the base past its outer module (tether/sharding.py)."""
         from tether.sharding import shard
 
-        shard(self.causal_lm, root=False)
+        # bf16-mixed: one gather dtype for the bf16 base and its fp32 adapters inside each block
+        shard(self.causal_lm, root=False, compute_dtype=compute_dtype)
         if frozen and isinstance(getattr(self.reward, "model", None), nn.Module):
-            shard(self.reward.model, root=False)
+            shard(self.reward.model, root=False, compute_dtype=compute_dtype)
         self._index_parameters()
 
     def save(self, path, tokenizer, state=None, tensors=None, write=True) -> Path:

@@ -18,6 +18,7 @@ format as one process writes, so a run can resume on any number of ranks.
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from typing import Any, Optional, Sequence
 
@@ -48,10 +49,15 @@ def block_classes(model: nn.Module) -> set[str]:
     return names
 
 
-def shard(model: nn.Module, root: bool = True) -> nn.Module:
-    """fully_shard every transformer block of `model`, then (root=True) the rest of it as one unit."""
-    from torch.distributed.fsdp import fully_shard
+def shard(model: nn.Module, root: bool = True, compute_dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """fully_shard every transformer block of `model`, then (root=True) the rest of it as one unit.
+    compute_dtype (bf16-mixed): blocks gathered in that dtype, gradients reduced in fp32, the shards
+    (fp32 master weights where they learn) kept as they are (FSDP2 MixedPrecisionPolicy)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    if compute_dtype is not None:
+        fully_shard = functools.partial(fully_shard, mp_policy=MixedPrecisionPolicy(
+            param_dtype=compute_dtype, reduce_dtype=torch.float32))
     mesh, names = _mesh(model), block_classes(model)
     blocks = [m for m in model.modules() if type(m).__name__ in names]
     if not blocks:

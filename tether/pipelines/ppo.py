@@ -178,7 +178,7 @@ def _build_ppo_trainer(cfg: PPOConfig, start: RunStart, precision: Precision, ge
         distributed.broadcast_parameters(roles.trainable("policy") + roles.trainable("critic"))
         seed_everything(distributed.rank_seed(cfg.seed))
         if cfg.data_parallel == "fsdp2":
-            roles.shard(frozen=cfg.fsdp_frozen == "shard")
+            roles.shard(frozen=cfg.fsdp_frozen == "shard", compute_dtype=precision.autocast)
             log.info("FSDP2: transformer blocks sharded over %d ranks (frozen roles %s)", distributed.world_size(),
                      "sharded" if cfg.fsdp_frozen == "shard" else "whole on every rank")
     generation = generation or generation_backend(cfg)
