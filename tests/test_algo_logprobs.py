@@ -113,3 +113,144 @@ def test_logprobs_and_entropy_match_log_softmax(b, r, v, temperature, seed):
     reference = torch.log_softmax(logits / temperature, dim=-1)
     (expected,) = torch.autograd.grad((reference.gather(-1, tokens[..., None]).squeeze(-1) * weights).sum(), logits)
     torch.testing.assert_close(grad, expected)
+
+
+# --- hand-written backward: equal to plain autograd, and lean in memory ------------------
+
+
+def _result_dtype(logits):
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def _plain_log_softmax(logits, temperature):
+    """The computation the chunked functions must equal: one full-size log-softmax under autograd."""
+    return torch.log_softmax(logits.to(_result_dtype(logits)) / temperature, dim=-1)
+
+
+def _plain_logprobs(logits, tokens, temperature):
+    return _plain_log_softmax(logits, temperature).gather(-1, tokens[..., None]).squeeze(-1)
+
+
+def _plain_entropy(logits, temperature):
+    log_p = _plain_log_softmax(logits, temperature)
+    p = log_p.exp()
+    return -(p * torch.where(p > 0, log_p, torch.zeros_like(log_p))).sum(-1)
+
+
+def _value_and_grad(fn, logits, upstream):
+    out = fn(logits)
+    (grad,) = torch.autograd.grad(out, logits, upstream)
+    return out, grad
+
+
+def _assert_matches_plain(logits, tokens, temperature, **tolerance):
+    """Values and gradients (under a random upstream gradient) of both functions equal the plain computation."""
+    upstream = torch.randn(tokens.shape, generator=torch.Generator().manual_seed(7), dtype=_result_dtype(logits))
+    pairs = [
+        (lambda x: logprobs_from_logits(x, tokens, temperature), lambda x: _plain_logprobs(x, tokens, temperature)),
+        (lambda x: entropy_from_logits(x, temperature), lambda x: _plain_entropy(x, temperature)),
+    ]
+    for chunked, plain in pairs:
+        out, grad = _value_and_grad(chunked, logits, upstream)
+        expected, expected_grad = _value_and_grad(plain, logits, upstream)
+        assert out.dtype == _result_dtype(logits) and grad.dtype == logits.dtype
+        assert torch.isfinite(out).all() and torch.isfinite(grad).all()
+        torch.testing.assert_close(out, expected, **tolerance)
+        torch.testing.assert_close(grad, expected_grad, **tolerance)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("rows_per_chunk", [1, 2, 5, None])  # None: the default, one chunk
+@pytest.mark.parametrize("shape", [(3, 5, 11), (2, 2, 3, 11), (7, 11)])
+def test_values_and_grads_equal_plain_log_softmax(monkeypatch, shape, rows_per_chunk, temperature):
+    if rows_per_chunk is not None:
+        monkeypatch.setattr(logprobs_module, "_CHUNK_ELEMENTS", rows_per_chunk * shape[-1])
+    gen = torch.Generator().manual_seed(sum(shape))
+    logits = (torch.randn(shape, generator=gen) * 4).requires_grad_()
+    tokens = torch.randint(0, shape[-1], shape[:-1], generator=gen)
+    _assert_matches_plain(logits, tokens, temperature, rtol=1e-6, atol=1e-6)
+
+
+def test_non_contiguous_logits_equal_plain(monkeypatch):
+    # as a trailing slice of a model's (B, L, V) output
+    monkeypatch.setattr(logprobs_module, "_CHUNK_ELEMENTS", 2 * 9)
+    gen = torch.Generator().manual_seed(3)
+    full = (torch.randn(3, 6, 9, generator=gen) * 3).requires_grad_()
+    logits = full[:, 1:-1]  # (3, 4, 9), strided
+    tokens = torch.randint(0, 9, (3, 4), generator=gen)
+    _assert_matches_plain(logits, tokens, 1.3, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_low_precision_grads_are_in_the_logits_dtype(monkeypatch, dtype, temperature):
+    monkeypatch.setattr(logprobs_module, "_CHUNK_ELEMENTS", 3 * 50)
+    gen = torch.Generator().manual_seed(4)
+    logits = (torch.randn(4, 6, 50, generator=gen) * 5).to(dtype).requires_grad_()
+    tokens = torch.randint(0, 50, (4, 6), generator=gen)
+    # values are float32 on the rounded logits; gradients differ from plain only by their rounding to bf16/fp16
+    _assert_matches_plain(logits, tokens, temperature)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_neg_inf_logits_equal_plain_without_nan(monkeypatch, temperature):
+    monkeypatch.setattr(logprobs_module, "_CHUNK_ELEMENTS", 2 * 8)
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(3, 4, 8, generator=gen) * 3
+    banned = torch.rand(3, 4, 8, generator=gen) < 0.4
+    tokens = torch.randint(0, 8, (3, 4), generator=gen)
+    banned.scatter_(-1, tokens[..., None], False)  # the chosen tokens stay possible
+    banned[0, 0] = True
+    banned[0, 0, tokens[0, 0]] = False  # one row with a single possible token: entropy 0
+    logits = logits.masked_fill(banned, -math.inf).requires_grad_()
+    _assert_matches_plain(logits, tokens, temperature, rtol=1e-6, atol=1e-6)
+    assert entropy_from_logits(logits, temperature)[0, 0].item() == 0.0
+    upstream = torch.randn(3, 4, generator=gen)
+    for out in (logprobs_from_logits(logits, tokens, temperature), entropy_from_logits(logits, temperature)):
+        (grad,) = torch.autograd.grad(out, logits, upstream)
+        assert (grad[banned] == 0).all()  # p = 0 there: no gradient, and no NaN
+
+
+def test_gradcheck_float64(monkeypatch):
+    monkeypatch.setattr(logprobs_module, "_CHUNK_ELEMENTS", 2 * 5)  # several chunks
+    gen = torch.Generator().manual_seed(6)
+    logits = torch.randn(2, 3, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randint(0, 5, (2, 3), generator=gen)
+    for temperature in (1.0, 0.6):
+        assert torch.autograd.gradcheck(lambda x: logprobs_from_logits(x, tokens, temperature), (logits,))
+        assert torch.autograd.gradcheck(lambda x: entropy_from_logits(x, temperature), (logits,))
+
+
+def _bytes_saved_besides_logits(fn, logits) -> int:
+    """Bytes of the distinct storages, other than the logits' own, autograd keeps for the backward of ``fn(logits)``."""
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = fn(logits)
+    del out
+    storages.pop(logits.untyped_storage().data_ptr(), None)
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize(
+    "which,dtype,temperature",
+    [("logprobs", torch.bfloat16, 1.0), ("logprobs", torch.float32, 0.7),
+     ("entropy", torch.float32, 1.0), ("entropy", torch.bfloat16, 0.7)],
+)
+def test_backward_keeps_only_the_logits_and_per_row_numbers(monkeypatch, which, dtype, temperature):
+    # Plain autograd through the chunks keeps float32 copies of the logits (upcast, / T, log-softmax,
+    # probabilities): at a 49k vocab that is GBs. The hand-written backward keeps the logits
+    # themselves and a few numbers per row.
+    monkeypatch.setattr(logprobs_module, "_CHUNK_ELEMENTS", 4 * 64)  # 8 chunks
+    rows, vocab = 32, 64
+    logits = torch.randn(4, 8, vocab, dtype=dtype, requires_grad=True)
+    tokens = torch.randint(0, vocab, (4, 8))
+    fn = {"logprobs": lambda x: logprobs_from_logits(x, tokens, temperature),
+          "entropy": lambda x: entropy_from_logits(x, temperature)}[which]
+    per_row = 12  # a long token (log-probs) or a float32 entropy (entropy)
+    assert _bytes_saved_besides_logits(fn, logits) <= per_row * rows
