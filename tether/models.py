@@ -37,10 +37,14 @@ def torch_dtype(name: str) -> torch.dtype:
 # --- tokenizer ----------------------------------------------------------------
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str, embedding_rows: Optional[int] = None):
+    """`embedding_rows`: the model's vocabulary as saved, when an inference engine holds it (the
+    pad token is then chosen inside it where one fits: `pad_token_inside_embeddings`)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
+    if embedding_rows is not None:
+        pad_token_inside_embeddings(tokenizer, embedding_rows)
     ensure_pad_token(tokenizer)
     tokenizer.padding_side = "left"  # prompts are left-padded for generation (N-details item 1)
     return tokenizer
@@ -63,6 +67,44 @@ def ensure_pad_token(tokenizer) -> bool:
     tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     log.warning("tokenizer had no dedicated pad token; added %r (id %d)", PAD_TOKEN, tokenizer.pad_token_id)
     return True
+
+
+def pad_token_inside_embeddings(tokenizer, rows: int) -> bool:
+    """Pad without growing the model when an inference engine holds it: the engine's vocabulary is
+    the model's `rows` as saved, so a pad row added here would exist in the trainer's model only.
+
+    Without a dedicated pad token (or a spare unk, which `ensure_pad_token` takes), pad with a spare
+    special token the vocabulary already has (one named pad or reserved, e.g. Llama 3's), else add
+    one in a row the model has beyond its tokenizer (vocabularies padded for speed, e.g. Qwen2).
+    Returns False when there is neither (GPT-2): `ensure_pad_token` then adds a row."""
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    spare_unk = tokenizer.unk_token_id not in (None, eos, tokenizer.bos_token_id)
+    if (pad is not None and pad != eos) or spare_unk:
+        return True
+    spare = spare_special_token(tokenizer, rows)
+    if spare is not None:
+        tokenizer.pad_token = spare
+        log.info("tokenizer had no dedicated pad token; padding with its spare special token %r", spare)
+        return True
+    if len(tokenizer) < rows:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+        log.info("tokenizer had no dedicated pad token; added %r in the model's unused row %d", PAD_TOKEN,
+                 tokenizer.pad_token_id)
+        return True
+    return False
+
+
+def spare_special_token(tokenizer, rows: int) -> Optional[str]:
+    """A special token below `rows` that no role uses: one named pad first, then one named reserved.
+    Chat-template tokens (<|eot_id|>, ...) are never chosen: they carry neither name."""
+    roles = {getattr(tokenizer, f"{role}_token_id", None) for role in ("bos", "eos", "unk", "sep", "cls", "mask")}
+    candidates = sorted((i, t.content) for i, t in tokenizer.added_tokens_decoder.items()
+                        if t.special and i < rows and i not in roles)
+    for word in ("pad", "reserved"):
+        for _, content in candidates:
+            if word in content.lower():
+                return content
+    return None
 
 
 def resize_for_tokenizer(model: nn.Module, tokenizer) -> None:
