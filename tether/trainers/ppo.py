@@ -570,19 +570,22 @@ class PPOTrainer:
         # Token-level normalisation over the whole minibatch (every rank's share): accumulating k
         # micro-batches, then summing over ranks, gives exactly the gradient of one pass over it.
         num_tokens, num_sequences = distributed.sum_floats([minibatch.response_mask.sum().item(), len(minibatch)])
-        stats: dict[str, float] = defaultdict(float)
-        ratio_max = 0.0
+        # Statistics and loss checks stay on the device until the last micro-batch: one host sync
+        # per optimizer step for them, not one per statistic per micro-batch.
+        sums: dict[str, Tensor] = {}
+        ratio_max = torch.zeros((), device=minibatch.input_ids.device)
+        losses: list[tuple[str, Tensor]] = []
         for micro_index in torch.arange(len(minibatch)).split(self.local_micro_batch_size):
             micro = select_rows(minibatch, micro_index.to(minibatch.input_ids.device))
-            weight = micro.response_mask.sum().item() / num_tokens
-            micro_stats = self.micro_step(micro, num_tokens, num_sequences)
+            weight = micro.response_mask.sum() / num_tokens
+            micro_stats = self.micro_step(micro, num_tokens, num_sequences, losses)
+            ratio_max = torch.maximum(ratio_max, micro_stats.pop("policy/ratio_max"))
             for key, value in micro_stats.items():
-                if key == "policy/ratio_max":
-                    ratio_max = max(ratio_max, value)
-                else:
-                    stats[key] += weight * value
-        stats = dict(zip(stats, distributed.sum_floats(list(stats.values()))))  # token-weighted over all ranks
-        stats["policy/ratio_max"] = distributed.max_float(ratio_max)
+                sums[key] = sums.get(key, 0.0) + weight * value
+        _check_finite(losses, self.update)
+        local = torch.stack([*sums.values(), ratio_max]).tolist()
+        stats = dict(zip(sums, distributed.sum_floats(local[:-1])))  # token-weighted over all ranks
+        stats["policy/ratio_max"] = distributed.max_float(local[-1])
         frozen = self.policy_frozen()
         stats["ptx/loss"] = self.ptx_backward() if self.ptx_sampler is not None and not frozen else 0.0
         stats["policy/grad_norm"] = 0.0 if frozen else self._clip_and_step(
@@ -595,15 +598,17 @@ class PPOTrainer:
         """During critic warmup the policy is measured but not trained."""
         return self.update < self.cfg.critic_warmup_updates
 
-    def micro_step(self, micro: PPOBatch, num_tokens: float, num_sequences: float) -> dict[str, float]:
-        """Forward + backward of policy and critic losses on one micro-batch."""
+    def micro_step(self, micro: PPOBatch, num_tokens: float, num_sequences: float,
+                   losses: list[tuple[str, Tensor]]) -> dict[str, Tensor]:
+        """Forward + backward of policy and critic losses on one micro-batch; its statistics as 0-dim
+        tensors. The losses are appended to `losses`, checked finite before any optimizer step."""
         cfg = self.cfg
         length = micro.response_mask.shape[1]
         frozen = self.policy_frozen()
         with torch.set_grad_enabled(not frozen), self.forwards():
             loss, stats = self.policy_loss(micro, num_tokens, num_sequences)
         if not frozen:
-            _check_finite(loss, "policy loss", self.update)
+            losses.append(("policy loss", loss.detach()))
             loss.backward()
         if self.critic_optimizer is None:  # critic-free estimators
             return stats
@@ -612,11 +617,11 @@ class PPOTrainer:
                       else self.roles.values(micro.input_ids, micro.attention_mask, length, micro.trunk))
         v_loss, vs = clipped_value_loss(values, micro.old_values, micro.returns, micro.response_mask,
                                         cfg.value_clip_eps, num_tokens=num_tokens)
-        _check_finite(v_loss, "value loss", self.update)
+        losses.append(("value loss", v_loss.detach()))
         (cfg.vf_coef * v_loss).backward()
-        return {**stats, "value/loss": vs["loss"].item(), "value/clipfrac": vs["clipfrac"].item()}
+        return {**stats, "value/loss": vs["loss"], "value/clipfrac": vs["clipfrac"]}
 
-    def policy_loss(self, micro: PPOBatch, num_tokens: float, num_sequences: float) -> tuple[Tensor, dict[str, float]]:
+    def policy_loss(self, micro: PPOBatch, num_tokens: float, num_sequences: float) -> tuple[Tensor, dict[str, Tensor]]:
         """Clipped surrogate (+ KL in the loss, − entropy bonus) on one micro-batch, and its statistics.
         Every term combines its tokens by `loss_aggregation`, with whole-minibatch denominators."""
         cfg = self.cfg
@@ -641,10 +646,10 @@ class PPOTrainer:
             loss = loss + cfg.entropy_coef * ent_loss
         else:
             entropy = entropy_from_logits(logits.detach(), cfg.temperature)
-        return loss, {
-            "policy/loss": pg["loss"].item(), "policy/approx_kl": pg["approx_kl"].item(),
-            "policy/clipfrac": pg["clipfrac"].item(), "policy/ratio_mean": pg["ratio_mean"].item(),
-            "policy/ratio_max": pg["ratio_max"].item(), "policy/entropy": masked_mean(entropy.detach(), mask).item(),
+        return loss, {  # 0-dim tensors, detached: read once per optimizer step (optimizer_step)
+            "policy/loss": pg["loss"], "policy/approx_kl": pg["approx_kl"], "policy/clipfrac": pg["clipfrac"],
+            "policy/ratio_mean": pg["ratio_mean"], "policy/ratio_max": pg["ratio_max"],
+            "policy/entropy": masked_mean(entropy.detach(), mask),
         }
 
     def ptx_backward(self) -> float:
@@ -654,7 +659,7 @@ class PPOTrainer:
         with self.forwards():
             logits = self.roles.lm_logits(blocks, mask)
         loss, stats = lm_loss(logits, blocks, mask)
-        _check_finite(loss, "ptx loss", self.update)
+        _check_finite([("ptx loss", loss.detach())], self.update)
         # Each rank's own blocks; the gradients are summed over ranks, so each counts 1/world of the mean.
         (self.cfg.ptx_coef / self.world * loss).backward()
         return distributed.sum_floats([stats["loss"].item()])[0] / self.world
@@ -819,8 +824,13 @@ def _first_non_finite(**tensors: Tensor) -> Optional[tuple[str, int, float]]:
     return None
 
 
-def _check_finite(loss: Tensor, what: str, update: int) -> None:
-    """Raises on every rank when the loss is not finite on any (no rank may go on to the gradient sum alone)."""
-    if distributed.any_rank(not torch.isfinite(loss)):
-        raise NonFiniteError(f"non-finite {what} ({loss.item()}) at update {update}; nothing was applied to the "
-                             "weights. Lower learning_rate, or check the reward for extreme values.")
+def _check_finite(losses: list[tuple[str, Tensor]], update: int) -> None:
+    """Raises on every rank when a loss is not finite on any (no rank may go on to the gradient sum
+    alone); one host sync for the whole list."""
+    finite = bool(torch.stack([torch.isfinite(loss).all() for _, loss in losses]).all()) if losses else True
+    if not distributed.any_rank(not finite):
+        return
+    bad = [(what, loss.item()) for what, loss in losses if not torch.isfinite(loss).all()]
+    what, value = bad[0] if bad else ("loss on another rank", float("nan"))
+    raise NonFiniteError(f"non-finite {what} ({value}) at update {update}; nothing was applied to the "
+                         "weights. Lower learning_rate, or check the reward for extreme values.")
