@@ -131,13 +131,16 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     return logits
 
 
-def sample_next_token(logits: Tensor, settings: GenerationSettings, allow_eos: bool = True) -> Tensor:
+def sample_next_token(logits: Tensor, settings: GenerationSettings, allow_eos: bool = True,
+                      eos: Optional[Tensor] = None) -> Tensor:
     """(B,) tokens sampled from softmax(logits / T) after top-k / top-p; pad is never sampled, nor
-    EOS when `allow_eos` is False (before min_new_tokens)."""
+    EOS when `allow_eos` is False (before min_new_tokens). `eos`: the EOS ids as a tensor on the
+    logits' device (made once per response, not once per token)."""
     logits = logits.float() / settings.temperature
     logits[:, settings.pad_id] = float("-inf")
     if not allow_eos:
-        logits[:, settings.eos_ids] = float("-inf")
+        eos = eos if eos is not None else torch.tensor(settings.eos_ids, device=logits.device)
+        logits.index_fill_(1, eos, float("-inf"))
     logits = filter_logits(logits, settings.top_k, settings.top_p)
     return torch.multinomial(logits.softmax(-1), 1).squeeze(-1)
 
@@ -168,7 +171,7 @@ def sample_responses(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, 
     tokens, real = [], []
     for step in range(settings.max_new_tokens):
         may_end = step >= settings.min_new_tokens  # as transformers' min_new_tokens: EOS not counted
-        token = sample_next_token(out.logits[:, -1], settings, allow_eos=may_end)
+        token = sample_next_token(out.logits[:, -1], settings, allow_eos=may_end, eos=eos)
         token = torch.where(alive, token, torch.full_like(token, settings.pad_id))
         tokens.append(token)
         real.append(alive.clone())
@@ -176,7 +179,7 @@ def sample_responses(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, 
         if settings.stop_strings and tokenizer is not None and may_end:
             ended |= alive & _hits_stop_string(torch.stack(tokens, 1), settings.stop_strings, tokenizer)
         alive &= ~ended
-        if not alive.any() or step == settings.max_new_tokens - 1:
+        if step == settings.max_new_tokens - 1 or not alive.any():  # the one host sync per token: stop?
             break
         mask = torch.cat([mask, real[-1].long().unsqueeze(1)], dim=1)
         out = model(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=position,
@@ -242,11 +245,19 @@ def collect_rollout(roles, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, s
     return parts[0] if len(parts) == 1 else concat_rollouts(parts, settings.pad_id)
 
 
+def synced_clock(device: torch.device) -> float:
+    """time.perf_counter() once the device has finished the work queued so far: CUDA kernels run
+    asynchronously, so an unsynchronised clock charges one phase's kernels to the next."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def _rollout_chunk(roles, tokenizer, prompt_ids, prompt_mask, settings, keep_graph: bool, backend) -> Rollout:
-    start = time.perf_counter()
+    start = synced_clock(prompt_ids.device)
     sampled = backend.generate(roles, prompt_ids, prompt_mask, settings, tokenizer)
     response_ids, response_mask, ended = sampled.response_ids, sampled.response_mask, sampled.ended
-    generated = time.perf_counter()
+    generated = synced_clock(prompt_ids.device)
     input_ids = torch.cat([prompt_ids, response_ids], dim=1)
     attention_mask = torch.cat([prompt_mask.long(), response_mask.long()], dim=1)
     prompts = tokenizer.batch_decode(prompt_ids, skip_special_tokens=True)
@@ -256,7 +267,7 @@ def _rollout_chunk(roles, tokenizer, prompt_ids, prompt_mask, settings, keep_gra
     return Rollout(input_ids, attention_mask, response_mask, out.logprobs * response_mask,
                    out.ref_logprobs * response_mask, out.values * response_mask, out.scores, ended, prompts,
                    responses, out.trunk, out.graph, generated - start,
-                   time.perf_counter() - generated, engine * response_mask if engine is not None else None)
+                   synced_clock(prompt_ids.device) - generated, engine * response_mask if engine is not None else None)
 
 
 def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:

@@ -17,7 +17,6 @@ import logging
 import math
 import signal
 import threading
-import time
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -65,7 +64,7 @@ from tether.generation import BuiltinSampler, GenerationBackend, logprob_gap
 from tether.models import eos_token_ids
 from tether.precision import FP32, Precision
 from tether.roles import Roles
-from tether.rollout import GenerationSettings, Rollout, collect_rollout, concat_rollouts, select_rows
+from tether.rollout import GenerationSettings, Rollout, collect_rollout, concat_rollouts, select_rows, synced_clock
 from tether.sharding import full_optimizer_state, local_optimizer_state
 from tether.tracking import SampleWriter, Tracker
 from tether.trainers import adamw, clip_grad_norm
@@ -362,11 +361,11 @@ class PPOTrainer:
     def step(self) -> dict[str, float]:
         """One PPO update; returns its metrics."""
         cfg = self.cfg
-        start = time.perf_counter()
+        start = synced_clock(self.device)  # CUDA-synchronised: each phase is charged its own kernels
         # 1. Rollout (no grad): sample and score with all the roles; each rank takes its share of the
         # prompts and samples each samples_per_prompt times (a group, in adjacent rows).
         rollout, sampling = self.collect(distributed.share(self.prompt_sampler.next_batch(cfg.batch_size)))
-        rollout_s = time.perf_counter() - start
+        rollout_s = synced_clock(self.device) - start
         bad = [b for b in distributed.gather_objects(self.non_finite_reason(rollout)) if b]
         if bad:  # before the score statistics or any weight see it; every rank skips together
             return self.skip_update(bad[0])
@@ -381,7 +380,7 @@ class PPOTrainer:
         # 3. Advantages: GAE (whitened over the global batch's real tokens), or a critic-free estimator.
         batch = self.make_batch(rollout, rewards)
         # 4. Optimise: ppo_epochs passes over shuffled minibatches.
-        train_start = time.perf_counter()
+        train_start = synced_clock(self.device)
         try:
             opt_stats = self.optimise(batch)
         except NonFiniteError as err:  # that step was not applied; the rest of the update is abandoned
@@ -389,7 +388,7 @@ class PPOTrainer:
                 if optimizer is not None:
                     optimizer.zero_grad(set_to_none=True)  # nothing accumulated so far may leak into the next step
             return self.skip_update(str(err))
-        train_s = time.perf_counter() - train_start
+        train_s = synced_clock(self.device) - train_start
         self.skipped_in_a_row = 0
         # 5. Control: the KL controller sees the mean summed KL per response (Ziegler et al. 2019).
         kl_per_response = distributed.gather_rows(kl.sum(-1)).mean().item()
@@ -400,7 +399,7 @@ class PPOTrainer:
             **self.rollout_metrics(rollout, raw_scores, rewards, kl_reward, kl_per_response, beta, batch),
             **opt_stats, **sampling,
             "time/rollout_s": rollout_s, "time/generate_s": rollout.generate_s, "time/score_s": rollout.score_s,
-            "time/train_s": train_s, "time/update_s": time.perf_counter() - start,
+            "time/train_s": train_s, "time/update_s": synced_clock(self.device) - start,
             "ppo/skipped_updates": float(self.skipped_updates),
         }
         self.after_update(rollout, raw_scores, metrics)
