@@ -150,3 +150,20 @@ def test_a_lora_reward_model_under_bf16_mixed_has_a_bf16_base_and_an_fp32_adapte
     saved = {path.name: {t.dtype for t in load_file(str(path)).values()}
              for path in (tmp_path / "bf16-mixed" / "final").rglob("*.safetensors")}
     assert saved and all(dtypes == {torch.float32} for dtypes in saved.values()), saved  # adapter and head
+
+
+def test_a_run_written_with_the_old_dtype_key_resumes(tiny_dirs, tmp_path):
+    import yaml
+
+    from tether.pipelines.ppo import run_ppo
+
+    values = base_overrides(tiny_dirs, tmp_path, total_updates=1)
+    run_ppo(config_from_dict(PPOConfig, values))
+    config_file = tmp_path / "run" / "config.yaml"
+    saved = yaml.safe_load(config_file.read_text())
+    assert saved["precision"] == "fp32" and saved["dtype"] is None  # what ran, resolved from auto
+    for key in ("precision", "attn_implementation", "fp32_lm_head", "tf32", "vllm_sleep"):
+        saved.pop(key)
+    config_file.write_text(yaml.safe_dump({**saved, "dtype": "float32"}))  # as written before precision existed
+    metrics = run_ppo(config_from_dict(PPOConfig, {**values, "total_updates": 2, "resume": True}))
+    assert "reward/score" in metrics

@@ -239,3 +239,21 @@ def test_collect_rollout_chunks_join_like_one_batch(tiny_tokenizer):
                               1.0, tiny_tokenizer.pad_token_id)
     assert torch.allclose(lp * rollout.response_mask, rollout.logprobs, atol=1e-5)
     assert rollout.scores.tolist() == [float(len(r)) for r in rollout.responses]
+
+
+def test_a_reward_fn_file_may_define_dataclasses_and_never_shadows_an_installed_module(tmp_path):
+    """'path/to/file.py:function' runs the file as a module registered under a name of its own."""
+    import json as installed_json
+    import sys
+
+    from tether.rewards import load_reward_fn
+
+    # String annotations make dataclasses look the defining module up in sys.modules.
+    source = ("from __future__ import annotations\nfrom dataclasses import dataclass\n\n@dataclass\n"
+              "class Weights:\n    per_char: float = 0.5\n\n"
+              "def score(responses):\n    return [Weights().per_char * len(r) for r in responses]\n")
+    for name in ("scoring_rules", "json"):  # a fresh name, and the name of an installed module
+        (tmp_path / f"{name}.py").write_text(source)
+        reward = load_reward_fn(f"{tmp_path / name}.py:score")
+        assert reward.score(["p", "q"], ["ab", "abcd"], None, None).tolist() == [1.0, 2.0]
+    assert sys.modules["json"] is installed_json

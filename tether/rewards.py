@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import sys
 from pathlib import Path
 from typing import Callable, Optional, Protocol, Sequence
 
@@ -94,11 +95,16 @@ def _module_from_file(path: str):
     file = Path(path)
     if not file.is_file():
         raise RewardLoadError(f"reward_fn file not found: {path}")
-    spec = importlib.util.spec_from_file_location(file.stem, file)
+    # Registered under a name of its own while it runs: a @dataclass (or pickle) in the file looks
+    # its module up in sys.modules, and no installed module of the same name is shadowed.
+    name = f"tether_reward_fn_{file.stem}"
+    spec = importlib.util.spec_from_file_location(name, file)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
     except Exception as err:  # the user's module fails to import: say which and why, in one line
+        del sys.modules[name]
         raise RewardLoadError(f"reward_fn file {path} fails to import: {type(err).__name__}: {err}") from err
     return module
 

@@ -121,7 +121,8 @@ def with_precision(saved: dict[str, Any]) -> dict[str, Any]:
         return saved
     legacy = {"float32": "fp32", "bfloat16": "bf16-true"}
     return {**saved, "precision": legacy.get(saved["dtype"], saved["dtype"]), "dtype": None,
-            "attn_implementation": None, **({"fp32_lm_head": False, "tf32": True} if "kl_coef" in saved else {})}
+            "attn_implementation": None,
+            **({"fp32_lm_head": False, "tf32": True, "vllm_sleep": True} if "kl_coef" in saved else {})}
 
 
 def check_resumable_config(path: Path, current: dict[str, Any]) -> None:
