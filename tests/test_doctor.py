@@ -299,13 +299,17 @@ MISCONFIGURED = {
     "d_healthy": dict(),
 }
 EXPECTED = {  # the rules that must fire at warning or worse, and no others
-    # (a): the hack itself; its first update's steps are too large (the large learning rate); the policy's
-    # entropy collapses onto 'o'; the critic cannot follow returns that move this fast.
-    "a_hacking": {"reward_hacking", "unstable", "entropy_collapse", "critic_not_learning"},
+    # (a): the hack itself; its first update's steps are too large (the large learning rate).
+    "a_hacking": {"reward_hacking", "unstable"},
     "b_stalled": {"reward_flat"},
     "c_unstable": {"unstable"},
     "d_healthy": set(),
 }
+# Rules a run may also earn. At lr 1e-2 the hacking run is chaotic: float rounding in the gradient
+# (e.g. another log-softmax backward) moves it from update 5 on, and whether its entropy falls below a
+# tenth of the start's, or its critic falls behind the returns, within 20 updates depends on that
+# trajectory (measured: entropy 5.5 -> 0.16 and EV ~ -0.1 in one, 5.5 -> 1.0 and EV 0.9 in another).
+MAY_ALSO = {"a_hacking": {"entropy_collapse", "critic_not_learning"}}
 
 
 @pytest.fixture(scope="module")
@@ -327,7 +331,7 @@ def serious(found) -> set[str]:
 @pytest.mark.parametrize("name", sorted(MISCONFIGURED))
 def test_each_misconfigured_run_is_diagnosed_correctly_and_only_correctly(diagnosed_runs, name):
     _, found = diagnosed_runs[name]
-    assert serious(found) == EXPECTED[name], [f.message for f in found]
+    assert EXPECTED[name] <= serious(found) <= EXPECTED[name] | MAY_ALSO.get(name, set()), [f.message for f in found]
 
 
 def test_the_hacking_run_is_told_to_raise_kl_coef_and_lower_clip_eps(diagnosed_runs):

@@ -167,3 +167,18 @@ def test_a_run_written_with_the_old_dtype_key_resumes(tiny_dirs, tmp_path):
     config_file.write_text(yaml.safe_dump({**saved, "dtype": "float32"}))  # as written before precision existed
     metrics = run_ppo(config_from_dict(PPOConfig, {**values, "total_updates": 2, "resume": True}))
     assert "reward/score" in metrics
+
+
+@pytest.mark.parametrize("kernel", ["eager", "sdpa"])  # sdpa is the default: eager shows the setting arrives
+def test_attn_implementation_reaches_every_model(tiny_dirs, tmp_path, kernel):
+    trainer = build_ppo_trainer(config_from_dict(PPOConfig, base_overrides(
+        tiny_dirs, tmp_path, arch="llama", attn_implementation=kernel, reward_model=str(tiny_dirs["reward"]),
+        reward_fn=None)))
+    models = [trainer.roles.policy, trainer.roles.reference, trainer.roles.reward.model, trainer.roles.critic.backbone]
+    assert {m.config._attn_implementation for m in models} == {kernel}
+
+
+def test_an_attention_kernel_that_is_not_installed_is_a_config_error(tiny_dirs, tmp_path):
+    with pytest.raises(ConfigError, match="attn_implementation=flash_attention_2: .*sdpa or eager"):
+        build_ppo_trainer(config_from_dict(PPOConfig, base_overrides(tiny_dirs, tmp_path,
+                                                                     attn_implementation="flash_attention_2")))

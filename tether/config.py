@@ -44,7 +44,7 @@ class PPOConfig:
     dtype: Optional[Literal["float32", "bfloat16", "float16"]] = opt(None, "Replaced by precision (float32 = fp32, bfloat16 = bf16-true); still read, not with precision.")
     attn_implementation: Optional[str] = opt(None, "Attention kernel passed to transformers: 'sdpa', 'eager', 'flash_attention_2' (needs flash-attn), ...; null = transformers' default (sdpa where supported).")
     fp32_lm_head: bool = opt(False, "Under bf16-mixed, compute the policy's output projection (the logits) in fp32.")
-    tf32: bool = opt(True, "On CUDA, let fp32 matmuls use TF32 tensor cores (10-bit mantissa inputs, fp32 accumulation; torch.backends.cuda.matmul.allow_tf32). Affects precision=fp32 runs only.")
+    tf32: bool = opt(True, "On CUDA, let fp32 matmuls use TF32 tensor cores (10-bit mantissa inputs, fp32 accumulation; torch.backends.cuda.matmul.allow_tf32): precision=fp32 runs, and the fp32 LM head under bf16-mixed.")
     device: str = opt("auto", "Device: 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
     gradient_checkpointing: bool = opt(False, "Trade compute for memory in policy and critic.")
     reuse_scoring_forward: bool = opt(True, "The rollout's policy and critic forwards keep their graph and serve as the "

@@ -343,7 +343,7 @@ def prepare(model, tokenizer, device, cfg=None):
 
 
 def load_model_reward(cfg: PPOConfig, tokenizer, dtype, device, policy=None) -> ModelReward:
-    model = load_reward_model(cfg.reward_model, dtype)
+    model = use_attention(load_reward_model(cfg.reward_model, dtype), cfg.attn_implementation)
     own = reward_tokenizer(cfg, tokenizer)
     if own is None:
         resize_for_tokenizer(model, tokenizer)
@@ -373,6 +373,7 @@ def load_critic(cfg: PPOConfig, tokenizer, dtype, device):
     path = cfg.critic or cfg.reward_model or cfg.policy
     from_reward = cfg.critic is None and cfg.reward_model is not None
     critic = load_value_model(path, dtype, head_from_reward=from_reward)
+    use_attention(critic.backbone, cfg.attn_implementation)
     if from_reward and reward_tokenizer(cfg, tokenizer) is not None:
         raise ValueError("the reward model uses a different tokenizer than the policy, so the critic cannot be "
                          "initialised from it; set critic=<path> (e.g. the policy path)")
