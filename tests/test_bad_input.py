@@ -84,6 +84,16 @@ def files(tmp: Path) -> dict[str, Path]:
     made["short"].write_text("def score(responses):\n    return [0.0]\n")
     made["nan"] = tmp / "nan.py"
     made["nan"].write_text("def score(responses):\n    return [float('nan')] * len(responses)\n")
+    made["exits"] = tmp / "exits.py"
+    made["exits"].write_text("import sys\ndef score(responses):\n    sys.exit(0)\n")
+    made["as_dict"] = tmp / "as_dict.py"
+    made["as_dict"].write_text("def score(responses):\n    return {0.5: 'a', 0.25: 'b', 0.0: 'c', 1.0: 'd'}\n")
+    made["sft_run"] = tmp / "sft_run"
+    made["sft_run"].mkdir(exist_ok=True)
+    (made["sft_run"] / "metrics.jsonl").write_text('{"step": 1, "train/loss": 2.5}\n')
+    made["empty_run"] = tmp / "empty_run"
+    made["empty_run"].mkdir(exist_ok=True)
+    (made["empty_run"] / "metrics.jsonl").write_text("")
     made["bad_yaml"] = tmp / "bad.yaml"
     made["bad_yaml"].write_text("batch_size: [1, 2\n")
     made["list_yaml"] = tmp / "list.yaml"
@@ -112,6 +122,12 @@ PPO_CASES = [
     ("keep checkpoints", {"keep_checkpoints": -1}, 2, r"keep_checkpoints must be >= 0"),
     ("max skipped", {"max_skipped_updates": 0}, 2, r"max_skipped_updates must be >= 1"),
     ("dual clip", {"dual_clip": 0.5}, 2, r"dual_clip must be > 1"),
+    ("infinite lr", {"learning_rate": "inf"}, 2, r"learning_rate must be a finite number, got 'inf'"),
+    ("lr 1e400", {"learning_rate": "1e400"}, 2, r"learning_rate must be a finite number, got '1e400'"),
+    ("nan temperature", {"temperature": "NaN"}, 2, r"temperature must be a finite number, got 'NaN'"),
+    ("yaml nan kl", {"kl_coef": ".nan"}, 2, r"kl_coef must be a finite number, got nan"),
+    ("infinite critic lr", {"critic_learning_rate": "-.inf"}, 2, r"critic_learning_rate must be a finite number"),
+    ("empty stop string", {"stop_strings": "['']"}, 2, r"stop_strings holds an empty string.*remove it"),
     ("two rewards", {"reward_model": "REWARD_DIR"}, 2, r"exactly one of reward_model.*or reward_fn"),
     ("no reward", {"reward_fn": None}, 2, r"exactly one of reward_model.*or reward_fn"),
     ("reward fn without colon", {"reward_fn": "mymodule.score"}, 2, r"reward_fn must look like"),
@@ -149,6 +165,10 @@ RUNTIME_CASES = [
     ("reward raises on a sample", {"reward_fn": "raises:score", "output_dir": "NEW"}, 1,
      r"raised KeyError: 'missing label' on response 0 '"),
     ("reward returns too few", {"reward_fn": "short:score", "output_dir": "NEW"}, 1, r"returned 1 scores for 4 responses"),
+    ("reward calls sys.exit", {"reward_fn": "exits:score", "output_dir": "NEW"}, 1,
+     r"called sys.exit\(0\) while scoring 4 responses; a reward function must return scores"),
+    ("reward returns a dict", {"reward_fn": "as_dict:score", "output_dir": "NEW"}, 1,
+     r"must return a list of numbers \(one per response\), got dict"),
     ("scores all NaN", {"reward_fn": "nan:score", "output_dir": "NEW", "total_updates": 5, "max_skipped_updates": 2},
      1, r"2 updates in a row were skipped; the first because the rollout had a non-finite score \(nan\) for response 0"),
     ("existing run", {}, 2, r"already holds a run.*resume=true.*overwrite=true"),
@@ -220,6 +240,8 @@ OTHER_CASES = [
     ("reward half normalisation", ["reward", "model=MODEL", "data=x.jsonl", "normalize_policy=MODEL"], 2,
      r"normalize_policy and normalize_prompts go together"),
     ("export of a non-adapter", ["export", "no_model", "out_dir"], 2, r"adapter|adapter_config"),
+    ("doctor on an sft run", ["doctor", "sft_run"], 2, r"holds no PPO update \(no reward/score in 1 rows\)"),
+    ("doctor on empty metrics", ["doctor", "empty_run"], 2, r"holds no PPO update \(no reward/score in 0 rows\)"),
 ]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -198,6 +199,9 @@ class PPOConfig:
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise ConfigError(f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], got "
                               f"{self.min_new_tokens}")
+        if any(not s for s in self.stop_strings):
+            raise ConfigError("stop_strings holds an empty string, which would end every response after its first "
+                              "token; remove it (an unset shell variable in stop_strings=[$STOP] gives one)")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 < self.vllm_gpu_memory_utilization < 1:
@@ -470,13 +474,18 @@ def coerce(key: str, value: Any, hint: Any) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)  # YAML 1.1 reads "1e-5" as a string
+                number = float(value)  # YAML 1.1 reads "1e-5" as a string
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):  # inf/nan (or 1e400 in YAML) would train an all-NaN model
+                raise ConfigError(f"{key} must be a finite number, got {value!r}")
+            return number
     elif hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

@@ -745,7 +745,13 @@ def diagnose_run(run_dir, overrides: Optional[dict] = None) -> list[Finding]:
         config = yaml.safe_load((run / "config.yaml").read_text()) or {}
     config["doctor"] = {**(config.get("doctor") or {}), **(overrides or {})}
     thresholds_from(config["doctor"])  # a bad override fails before anything is read
-    replayed = replay(_read_rows(metrics), config)
+    rows = _read_rows(metrics)
+    if not any(_number(row.get("reward/score")) is not None for row in rows):
+        # Nothing to judge is not a clean bill of health: a CI gate must not pass a run that logged nothing.
+        raise ValueError(f"{metrics} holds no PPO update (no reward/score in {len(rows)} rows): the doctor reads "
+                         "`tether ppo` runs; this run logged none (an SFT or reward-model run, or one that stopped "
+                         "before its first update)")
+    replayed = replay(rows, config)
     recorded = _read_rows(run / "doctor.jsonl") if (run / "doctor.jsonl").is_file() else []
     live_only = [finding_from_dict(r) for r in recorded if r.get("rule") not in RULE_NAMES]
     return sorted(replayed + live_only, key=lambda f: f.update)  # stable: at one update, the rules first
@@ -757,10 +763,14 @@ def _read_rows(path) -> list[dict]:
     rows = []
     for number, line in enumerate(lines):
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             if number != len(lines) - 1:
                 raise ValueError(f"{path}: line {number + 1} is not JSON; the file is damaged") from None
+            continue
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: line {number + 1} is not a JSON object; the file is damaged")
+        rows.append(row)
     return rows
 
 

@@ -41,6 +41,9 @@ class FunctionReward:
     def score(self, prompts, responses, input_ids=None, attention_mask=None) -> Tensor:
         try:
             raw = self._call(prompts, responses)
+        except SystemExit as err:  # would end tether mid-run, exit code and all, without a checkpoint
+            raise RewardError(f"reward {self.name} called sys.exit({err.code}) while scoring {len(responses)} "
+                              "responses; a reward function must return scores (raise an exception to stop)") from err
         except Exception as err:  # the user's code: find the response it fails on, and name it
             raise RewardError(self._failure(prompts, responses, err)) from err
         return check_scores(raw, responses, self.name)
@@ -61,6 +64,9 @@ class FunctionReward:
 def check_scores(raw: Sequence[float], responses: list[str], name: str) -> Tensor:
     """Never let a wrong count from a reward reach training. A NaN/inf is passed on: the trainer
     skips that update (and names the response), as it does for every other non-finite value."""
+    if isinstance(raw, (dict, str, bytes)) or not hasattr(raw, "__iter__"):  # a dict iterates over its keys
+        raise RewardError(f"reward {name} must return a list of numbers (one per response), got "
+                          f"{type(raw).__name__}")
     try:
         values = [float(v) for v in raw]
     except (TypeError, ValueError) as err:
