@@ -305,3 +305,66 @@ def test_ctrl_c_stops_the_cli_with_a_checkpoint_and_one_line(tiny_dirs, tmp_path
     update = int(checkpoint.name.split("-")[1])
     resumed = main(["ppo", *ppo_args(tiny_dirs, run, total_updates=update + 1, resume="true")])
     assert resumed == 0 and (run / "final").is_dir()
+
+
+def test_an_update_skipped_after_its_first_step_leaves_weights_and_optimizer_state_bitwise_as_before(tiny_dirs,
+                                                                                                     tmp_path):
+    """A non-finite gradient at the second of four optimizer steps: the first step is undone too."""
+    import torch
+
+    from tether.config import PPOConfig, config_from_dict
+    from tether.pipelines.ppo import build_ppo_trainer
+    from tether.trainers.ppo import NonFiniteError
+
+    values = dict(policy=str(tiny_dirs["gpt2"]), prompts=str(tiny_dirs["prompts"]), output_dir=str(tmp_path / "run"),
+                  reward_fn=f"{REWARDS}:letter_o_rate", total_updates=3, batch_size=8, num_minibatches=2,
+                  ppo_epochs=2, max_new_tokens=8, learning_rate=1e-3, progress=False)
+    trainer = build_ppo_trainer(config_from_dict(PPOConfig, values))
+    trainer.step()  # AdamW has state and the schedule has moved: both must come back exactly
+
+    def state():
+        weights = [p.detach().clone() for opt, _ in trainer.optimizers() for g in opt.param_groups for p in g["params"]]
+        moments = [{k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
+                   for opt, _ in trainer.optimizers() for s in opt.state.values()]
+        lrs = [(g["lr"], sched.state_dict()["last_epoch"]) for opt, sched in trainer.optimizers() for g in opt.param_groups]
+        return weights, moments, lrs
+
+    before = state()
+    real_step, calls = trainer._clip_and_step, []
+
+    def fails_second_time(optimizer, scheduler, name):
+        calls.append(name)
+        if len(calls) == 3:  # policy, value, then the policy's second step
+            optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteError("non-finite policy gradient norm (injected)")
+        return real_step(optimizer, scheduler, name)
+
+    trainer._clip_and_step = fails_second_time
+    metrics = trainer.step()
+    assert metrics == {"ppo/skipped_updates": 1.0} and len(calls) == 3
+    after = state()
+    assert all(torch.equal(a, b) for a, b in zip(before[0], after[0]))
+    assert len(before[1]) == len(after[1])
+    for a, b in zip(before[1], after[1]):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k] for k in a)
+    assert before[2] == after[2]
+    trainer._clip_and_step = real_step
+    assert "reward/score" in trainer.step()  # and training goes on from there
+
+
+def test_a_moved_run_directory_resumes_and_a_shorter_total_is_refused_without_touching_it(tiny_dirs, tmp_path,
+                                                                                             capsys):
+    import shutil
+
+    run, moved = tmp_path / "run", tmp_path / "elsewhere" / "run"
+    assert main(["ppo", *ppo_args(tiny_dirs, run, total_updates=2, save_every=1)]) == 0
+    shutil.copytree(run, moved)
+    before = snapshot(moved)
+    capsys.readouterr()
+    assert main(["ppo", *ppo_args(tiny_dirs, moved, total_updates=1, save_every=1, resume="true")]) == 2
+    message = [line for line in capsys.readouterr().err.splitlines() if line.startswith("tether: error:")]
+    assert len(message) == 1 and "total_updates=1 is below the 2 updates" in message[0]
+    assert "total_updates >= 2" in message[0]
+    assert snapshot(moved) == before  # config.yaml still says 2
+    assert main(["ppo", *ppo_args(tiny_dirs, moved, total_updates=3, save_every=1, resume="true")]) == 0
+    assert len((moved / "metrics.jsonl").read_text().splitlines()) == 3

@@ -42,6 +42,9 @@ SAFE_TO_CHANGE = frozenset({
     "resume", "overwrite", "total_updates", "max_steps", "max_seconds", "progress", "save_every",
     "keep_checkpoints", "eval_every", "sample_every", "num_samples", "log_with", "wandb_project", "num_threads",
     "doctor", "doctor_stop_on",
+    # where the run lives (a run directory moved or copied resumes from its new place), and whether a
+    # skipped update is undone (it changes nothing while updates are not skipped)
+    "output_dir", "undo_skipped_updates",
 })
 
 

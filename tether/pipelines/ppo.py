@@ -186,6 +186,9 @@ def _build_ppo_trainer(cfg: PPOConfig, start: RunStart, precision: Precision, ge
                          gold=gold, eval_prompts=eval_prompts, generation=generation, precision=precision)
     if start.checkpoint is not None:
         trainer.load_state(start.checkpoint, weights=False)
+        if trainer.update > cfg.total_updates:  # before config.yaml is rewritten to say otherwise
+            raise ConfigError(f"total_updates={cfg.total_updates} is below the {trainer.update} updates {start.path} "
+                              f"has already done; resume with total_updates >= {trainer.update}")
         log.info("resuming %s from %s (update %d of %d)", start.path, start.checkpoint, trainer.update,
                  cfg.total_updates)
     trainer.generation.sync_weights(roles)  # an engine starts from the policy as it is now (resumed or not)

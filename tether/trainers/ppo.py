@@ -381,12 +381,14 @@ class PPOTrainer:
         batch = self.make_batch(rollout, rewards)
         # 4. Optimise: ppo_epochs passes over shuffled minibatches.
         train_start = synced_clock(self.device)
+        before = UpdateUndo(self.optimizers()) if cfg.undo_skipped_updates else None
         try:
             opt_stats = self.optimise(batch)
         except NonFiniteError as err:  # that step was not applied; the rest of the update is abandoned
-            for optimizer in (self.policy_optimizer, self.critic_optimizer):
-                if optimizer is not None:
-                    optimizer.zero_grad(set_to_none=True)  # nothing accumulated so far may leak into the next step
+            for optimizer, _ in self.optimizers():
+                optimizer.zero_grad(set_to_none=True)  # nothing accumulated so far may leak into the next step
+            if before is not None:  # the update's earlier steps are undone too: weights as before it
+                before.restore()
             return self.skip_update(str(err))
         train_s = synced_clock(self.device) - train_start
         self.skipped_in_a_row = 0
@@ -416,6 +418,12 @@ class PPOTrainer:
         return (f"the rollout had a non-finite {name} ({value}) for response {row} {rollout.responses[row][:100]!r}: "
                 + ("check the reward model or function for that input" if name == "score" else
                    "lower learning_rate (or check the models for inf/NaN weights)"))
+
+    def optimizers(self) -> list[tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]]:
+        pairs = [(self.policy_optimizer, self.policy_scheduler)]
+        if self.critic_optimizer is not None:
+            pairs.append((self.critic_optimizer, self.critic_scheduler))
+        return pairs
 
     def skip_update(self, reason: str) -> dict[str, float]:
         """Count the update and log why; no non-finite value reached the weights."""
@@ -805,6 +813,53 @@ class PPOTrainer:
                           "scores": rollout.scores.tolist(), "gold": gold.tolist() if gold is not None else None}
         self.first_eval = self.first_eval or self.last_eval
         return metrics
+
+
+class UpdateUndo:
+    """A CPU copy of everything an update's optimizer steps change — trainable weights, AdamW
+    moments and step counts, learning rates, schedulers — so that a skipped update leaves them
+    exactly as they were before it (an update of several steps may fail after its first).
+    Sharded weights (FSDP2) are copied shard by shard, each rank its own."""
+
+    def __init__(self, optimizers: list[tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]]):
+        self.optimizers = optimizers
+        with torch.no_grad():
+            self.saved = [self._save(optimizer, scheduler) for optimizer, scheduler in optimizers]
+
+    @staticmethod
+    def _save(optimizer, scheduler) -> dict:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        return {"weights": [_local(p).to("cpu", copy=True) for p in params],
+                "state": [{k: _local(v).to("cpu", copy=True) if torch.is_tensor(v) else v
+                           for k, v in optimizer.state[p].items()} if p in optimizer.state else None for p in params],
+                "lrs": [group["lr"] for group in optimizer.param_groups],
+                "scheduler": scheduler.state_dict()}
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for (optimizer, scheduler), saved in zip(self.optimizers, self.saved):
+                params = [p for group in optimizer.param_groups for p in group["params"]]
+                for p, weight, state in zip(params, saved["weights"], saved["state"]):
+                    _local(p).copy_(weight)
+                    if state is None:
+                        optimizer.state.pop(p, None)  # no step had been taken on it before this update
+                    else:
+                        for key, value in state.items():
+                            current = optimizer.state[p][key]
+                            if torch.is_tensor(current):
+                                _local(current).copy_(value)
+                            else:
+                                optimizer.state[p][key] = value
+                for group, lr in zip(optimizer.param_groups, saved["lrs"]):
+                    group["lr"] = lr
+                scheduler.load_state_dict(saved["scheduler"])
+
+
+def _local(tensor: Tensor) -> Tensor:
+    """This rank's shard of a sharded (DTensor) tensor, the tensor itself otherwise."""
+    from tether.sharding import is_dtensor
+
+    return tensor.to_local() if is_dtensor(tensor) else tensor
 
 
 def reference_perplexity(ref_logprobs: Tensor, mask: Tensor) -> float:
