@@ -368,3 +368,45 @@ def test_a_moved_run_directory_resumes_and_a_shorter_total_is_refused_without_to
     assert snapshot(moved) == before  # config.yaml still says 2
     assert main(["ppo", *ppo_args(tiny_dirs, moved, total_updates=3, save_every=1, resume="true")]) == 0
     assert len((moved / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_a_reward_tokenizer_padded_with_its_eos_still_has_an_eos(tiny_tokenizer):
+    """A reward model's own tokenizer without a pad token is padded with EOS (the attention mask
+    decides what counts): EOS must stay what ends a text, not be discarded as the pad."""
+    import copy
+
+    from tether.rewards import reward_eos
+
+    own = copy.deepcopy(tiny_tokenizer)
+    own.pad_token = own.eos_token
+    ends, eos, pad = reward_eos(own)
+    assert ends == [own.eos_token_id] and eos == pad == own.eos_token_id
+
+
+@pytest.mark.parametrize("content", [None, "  "])
+def test_chat_prompts_and_sft_records_with_null_or_empty_content_are_refused(tiny_dirs, tmp_path, capsys, content):
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n"
+                    + json.dumps({"messages": [{"role": "user", "content": content},
+                                               {"role": "assistant", "content": "ok"}]}) + "\n")
+    what = "null" if content is None else "empty"
+    for argv in (["ppo", *ppo_args(tiny_dirs, tmp_path / "ppo", prompts=data, prompt_field="messages")],
+                 ["sft", f"data={data}", "init=scratch", f"output_dir={tmp_path / 'sft'}", "progress=false"]):
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"record 1 message 0 (user) has {what} content; give it text or drop the message" in err, err
+        assert "Traceback" not in err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+@pytest.mark.parametrize("device,pattern", [
+    ("cuda", r"device=cuda but this machine has no usable CUDA GPU .*use device=cpu or device=auto"),
+    ("gpu0", r"device='gpu0' is not a device: use auto, cpu, cuda or cuda:N"),
+])
+def test_a_device_this_machine_lacks_is_refused_before_anything_loads(tiny_dirs, earlier, tmp_path, capsys, device,
+                                                                       pattern):
+    code, err = run_case({"device": device, "output_dir": "NEW"}, tiny_dirs, earlier, tmp_path, capsys)
+    message = [line for line in err.splitlines() if line.startswith("tether: error:")]
+    assert code == 2 and len(message) == 1 and __import__("re").search(pattern, message[0]), err
+    assert not (tmp_path / "new_run").exists()

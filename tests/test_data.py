@@ -390,12 +390,12 @@ def test_empty_prompt_text_names_the_index(tok, empty):
 
 
 def test_prompt_that_renders_to_zero_tokens_names_the_index(tok):
-    # A template that renders nothing for empty content: 0 tokens.
+    # A template that renders nothing for a user turn: 0 tokens (empty content is refused earlier).
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok.backend_tokenizer, eos_token="<|endoftext|>", pad_token="<|pad|>"
     )
-    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    records = [{"prompt": "cat"}, {"messages": [{"role": "user", "content": ""}]}]
+    tokenizer.chat_template = "{% for m in messages %}{% if m['role'] != 'user' %}{{ m['content'] }}{% endif %}{% endfor %}"
+    records = [{"prompt": "cat"}, {"messages": [{"role": "user", "content": "hello"}]}]
     with pytest.raises(DataError, match=r"^p: record 1 has an empty prompt \(0 tokens\)"):
         tokenize_prompts(records, tokenizer, source="p")
 

@@ -233,6 +233,7 @@ class PPOConfig:
             raise ConfigError(f"gamma and lam must be in [0, 1], got gamma={self.gamma}, lam={self.lam}")
         _check_lora(self)
         _check_precision(self)
+        _check_device(self)
         if self.placement == "shared_base":
             if self.lora_rank < 1:
                 raise ConfigError("placement=shared_base trains LoRA adapters on one base: set lora_rank (e.g. 16)")
@@ -298,6 +299,26 @@ def _check_estimator(cfg: "PPOConfig") -> None:
         import logging
 
         logging.getLogger(__name__).warning("allow_k1_kl_loss=true: %s", message)
+
+
+def _check_device(cfg: Any) -> None:
+    """A device this machine has: `device=cuda` without a GPU fails here, not deep inside the first forward."""
+    import torch
+
+    if cfg.device == "auto":
+        return
+    try:
+        device = torch.device(cfg.device)
+    except (RuntimeError, ValueError) as err:
+        raise ConfigError(f"device={cfg.device!r} is not a device: use auto, cpu, cuda or cuda:N ({err})") from err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={cfg.device} but this machine has no usable CUDA GPU (torch "
+                              f"{torch.__version__}); use device=cpu or device=auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device={cfg.device} but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    elif device.type not in ("cpu", "mps", "xpu"):
+        raise ConfigError(f"device={cfg.device}: tether runs on cpu or cuda (auto picks)")
 
 
 def _check_precision(cfg: Any) -> None:
@@ -603,6 +624,7 @@ class SFTConfig:
         _positive_if_set(self, "max_grad_norm", "max_seconds")
         _check_lora(self)
         _check_precision(self)
+        _check_device(self)
         if self.lora_rank and self.init == "scratch":
             raise ConfigError("lora_rank needs a pretrained model to adapt; with init=scratch train every weight "
                               "(lora_rank=0)")
@@ -684,3 +706,4 @@ class RewardConfig:
         _positive_if_set(self, "max_grad_norm")
         _check_lora(self)
         _check_precision(self)
+        _check_device(self)

@@ -374,11 +374,25 @@ def _prompt_of(record: Mapping, index: int, prompt_field: str, source: str) -> s
             raise DataError(f"{source}: record {index} has an empty prompt in field {field!r}")
         return prompt
     if isinstance(prompt, list) and all(_is_message(m) for m in prompt):
-        return prompt
+        return check_messages(prompt, index, source)
     raise DataError(
         f"{source}: record {index} field {field!r} is a {type(prompt).__name__}; expected "
         "a string or a list of {\"role\": ..., \"content\": ...} messages"
     )
+
+
+def check_messages(messages: list, index: int, source: str) -> list:
+    """Chat messages whose every turn has text: a null or empty content would train on (or prompt
+    with) an empty turn without a word."""
+    for number, message in enumerate(messages):
+        if not _is_message(message):
+            raise DataError(f"{source}: record {index} message {number} is not a {{\"role\": ..., \"content\": ...}} "
+                            f"object: {str(message)[:100]}")
+        content = message["content"]
+        if content is None or (isinstance(content, str) and not content.strip()):
+            raise DataError(f"{source}: record {index} message {number} ({message['role']}) has "
+                            f"{'null' if content is None else 'empty'} content; give it text or drop the message")
+    return messages
 
 
 def _is_message(item: Any) -> bool:

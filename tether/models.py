@@ -139,7 +139,8 @@ def eos_token_ids(tokenizer, model: Optional[nn.Module] = None) -> list[int]:
         ids.add(extra)
     elif extra:
         ids.update(extra)
-    ids.discard(tokenizer.pad_token_id)
+    if tokenizer.pad_token_id != tokenizer.eos_token_id:  # a dedicated pad never ends a response;
+        ids.discard(tokenizer.pad_token_id)               # padding with EOS (a reward model's own tokenizer) keeps it
     if not ids:
         raise ValueError("the tokenizer has no EOS token; set tokenizer.eos_token so responses can end")
     return sorted(ids)

@@ -10,7 +10,7 @@ from pathlib import Path
 from tether import distributed
 from tether.checkpoint import load_weights, read_trainer_state, save_checkpoint, seed_everything
 from tether.config import SFTConfig
-from tether.data import DataError, load_records, load_texts, pack_texts
+from tether.data import DataError, check_messages, load_records, load_texts, pack_texts
 from tether.config import lora_settings
 from tether.lora import add_lora, require_full_model
 from tether.models import load_causal_lm, load_tokenizer, pick_device
@@ -104,7 +104,8 @@ def raw_documents(source: str, text_field: str) -> list:
         return load_texts(source, text_field)
     records = load_records(source)
     if all("messages" in r for r in records):
-        return [r["messages"] for r in records]
+        return [check_messages(r["messages"], i, source) if isinstance(r["messages"], list) else r["messages"]
+                for i, r in enumerate(records)]
     return load_texts(source, text_field)
 
 
