@@ -410,3 +410,30 @@ def test_a_device_this_machine_lacks_is_refused_before_anything_loads(tiny_dirs,
     message = [line for line in err.splitlines() if line.startswith("tether: error:")]
     assert code == 2 and len(message) == 1 and __import__("re").search(pattern, message[0]), err
     assert not (tmp_path / "new_run").exists()
+
+
+def test_export_never_writes_into_a_directory_it_did_not_create(tiny_dirs, earlier, tmp_path, capsys):
+    from tether.config import PPOConfig, config_from_dict
+    from tether.pipelines.ppo import build_ppo_trainer
+
+    values = dict(policy=str(tiny_dirs["llama"]), prompts=str(tiny_dirs["prompts"]), output_dir=str(tmp_path / "run"),
+                  reward_fn=f"{REWARDS}:letter_o_rate", total_updates=1, batch_size=4, num_minibatches=1,
+                  ppo_epochs=1, max_new_tokens=4, placement="shared_base", lora_rank=4, progress=False)
+    adapter = build_ppo_trainer(config_from_dict(PPOConfig, values)).save(tmp_path / "adapter")
+    other_final = earlier / "final"
+    cases = [([str(adapter), str(other_final)], r"already holds files .* pass --overwrite"),
+             ([str(adapter), str(adapter)], r"is the adapter directory .* choose a new directory"),
+             ([str(adapter), str(adapter / "merged")], r"is the adapter directory .* or around it")]
+    for argv, pattern in cases:
+        before = snapshot(earlier), snapshot(adapter)
+        capsys.readouterr()
+        assert main(["export", *argv]) == 2
+        err = capsys.readouterr().err
+        assert __import__("re").search(pattern, err) and "Traceback" not in err, err
+        assert (snapshot(earlier), snapshot(adapter)) == before
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    (merged / "notes.txt").write_text("mine")
+    assert main(["export", str(adapter), str(merged)]) == 2 and (merged / "notes.txt").is_file()
+    assert main(["export", str(adapter), str(merged), "--overwrite"]) == 0
+    assert (merged / "model.safetensors").is_file() and not (merged / "notes.txt").exists()

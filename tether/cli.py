@@ -67,7 +67,7 @@ def _doctor(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from tether.lora import export_merged
 
-    path = export_merged(args.adapter_dir, args.output_dir)
+    path = export_merged(args.adapter_dir, args.output_dir, overwrite=args.overwrite)
     print(f"merged model: {path} (loads with AutoModelForCausalLM.from_pretrained, no peft needed)")
     return 0
 
@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", parents=[common], help="Merge a LoRA policy adapter (a run's final/ or checkpoint-N/) into its "
                             "base and save a plain transformers model.")
     export.add_argument("adapter_dir", help="A directory with adapter_config.json (peft format).")
-    export.add_argument("output_dir", help="Where the merged model and tokenizer go.")
+    export.add_argument("output_dir", help="Where the merged model and tokenizer go: a new or empty directory.")
+    export.add_argument("--overwrite", action="store_true", help="Replace output_dir when it already holds files.")
     export.set_defaults(run=_export)
     demo = sub.add_parser("demo", parents=[common], help="The whole pipeline offline on CPU: SFT -> reward model -> PPO, with a "
                           "gold scorer and an HTML report.")

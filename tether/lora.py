@@ -163,21 +163,44 @@ def load_merged_causal_lm(path: str, dtype: torch.dtype = torch.float32):
     return PeftModel.from_pretrained(base, path).merge_and_unload()
 
 
-def export_merged(adapter_dir: str, output_dir: str) -> Path:
-    """Merge a policy adapter into its base and save a model plain transformers loads (no peft)."""
+def export_merged(adapter_dir: str, output_dir: str, overwrite: bool = False) -> Path:
+    """Merge a policy adapter into its base and save a model plain transformers loads (no peft).
+    Written to a temporary directory and renamed into place: a directory that holds anything is
+    replaced only with `overwrite`, and never the adapter's own directory or one around it."""
+    import shutil
+
     from transformers import AutoTokenizer
 
     if not is_adapter_dir(adapter_dir):
         raise LoraError(f"{adapter_dir} holds no LoRA adapter ({ADAPTER_CONFIG} missing); a full model needs no export")
+    out, source = Path(output_dir), Path(adapter_dir).resolve()
+    check_export_target(out, source, overwrite)
     model = load_merged_causal_lm(adapter_dir)
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
-    out = Path(output_dir)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    partial = out.with_name(out.name + ".tmp")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial, safe_serialization=True)
+    tokenizer.save_pretrained(partial)
+    if out.exists():  # only with overwrite (checked above), and only once the new model is complete
+        shutil.rmtree(out)
+    partial.rename(out)
     log.info("merged %s into its base and saved it to %s", adapter_dir, out)
     return out
+
+
+def check_export_target(out: Path, source: Path, overwrite: bool) -> None:
+    """Refuse an export that would write into something it did not create."""
+    target = out.resolve()
+    if target == source or source in target.parents or target in source.parents:
+        raise LoraError(f"export target {out} is the adapter directory {source} or around it; choose a new directory")
+    if out.is_file():
+        raise LoraError(f"export target {out} is a file; choose a new directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise LoraError(f"export target {out} already holds files (e.g. a run's final/ or another model); "
+                            "choose a new directory, or pass --overwrite to replace it")
 
 
 def add_adapter(peft_model, adapter: str, settings: LoraSettings) -> None:
