@@ -437,3 +437,30 @@ def test_export_never_writes_into_a_directory_it_did_not_create(tiny_dirs, earli
     assert main(["export", str(adapter), str(merged)]) == 2 and (merged / "notes.txt").is_file()
     assert main(["export", str(adapter), str(merged), "--overwrite"]) == 0
     assert (merged / "model.safetensors").is_file() and not (merged / "notes.txt").exists()
+
+
+@pytest.mark.parametrize("fresh", [[], ["--fresh"]])
+def test_the_demo_never_clears_a_directory_it_did_not_write(tmp_path, capsys, fresh):
+    """`tether demo --output-dir runs` beside `tether ppo`'s runs/ppo, or a user's own folder."""
+    runs = tmp_path / "runs"
+    (runs / "ppo").mkdir(parents=True)
+    (runs / "ppo" / "metrics.jsonl").write_text('{"update": 1}\n')
+    (runs / "notes.txt").write_text("mine")
+    before = snapshot(runs)
+    capsys.readouterr()
+    assert main(["demo", "--output-dir", str(runs), *fresh]) == 2
+    err = capsys.readouterr().err
+    assert "holds files the demo did not write (notes.txt, ppo); " in err and "choose a new or empty directory" in err
+    assert "Traceback" not in err and snapshot(runs) == before
+
+
+def test_fresh_in_the_demos_own_directory_keeps_what_the_demo_did_not_write(tmp_path):
+    from tether.pipelines.demo import OWNER, claim_demo_dir
+
+    run = tmp_path / "demo"
+    claim_demo_dir(run, fresh=False)  # new: claimed
+    (run / "sft").mkdir()
+    (run / "summary.json").write_text("{}")
+    (run / "my_notes.txt").write_text("mine")
+    claim_demo_dir(run, fresh=True)
+    assert sorted(p.name for p in run.iterdir()) == sorted([OWNER, "my_notes.txt"])

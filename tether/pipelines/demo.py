@@ -228,9 +228,7 @@ def run_demo(output_dir: str | Path = "runs/demo", fresh: bool = False,
 
     settings = settings or DemoSettings()
     run = Path(output_dir)
-    if fresh:
-        _empty(run)
-    run.mkdir(parents=True, exist_ok=True)
+    claim_demo_dir(run, fresh)
     set_threads(0)
     timings, start = {}, time.perf_counter()
     files = _timed(timings, "corpus", lambda: stage_corpus(run), "1/5 corpus: text shipped in gensim and chatterbot-corpus")
@@ -345,11 +343,39 @@ def _clear(path: Path) -> None:
         shutil.rmtree(path)
 
 
+OWNER = ".tether-demo"  # in a directory the demo created: only there does it clear what it wrote
+DEMO_ENTRIES = ("data", "base", "sft", "preferences.jsonl", "preferences_stats.json", "preferences.done", "reward",
+                "ppo", "summary.json")
+
+
+def claim_demo_dir(run: Path, fresh: bool) -> None:
+    """The demo writes (and clears its stages) only in a directory that is new, empty, or already its
+    own: never in one that holds files it did not write, such as the output_dir of `tether ppo`."""
+    if run.exists() and not run.is_dir():
+        raise ValueError(f"--output-dir {run} is a file; choose a new directory (the default is runs/demo)")
+    if run.is_dir() and not _is_demo_dir(run):
+        found = sorted(entry.name for entry in run.iterdir())
+        raise ValueError(f"--output-dir {run} holds files the demo did not write ({', '.join(found[:4])}"
+                         f"{', ...' if len(found) > 4 else ''}); the demo replaces its stage directories there, so "
+                         "choose a new or empty directory (the default is runs/demo)")
+    if fresh:
+        _empty(run)
+    run.mkdir(parents=True, exist_ok=True)
+    (run / OWNER).write_text("written by `tether demo`: it may replace the stage directories listed in "
+                             f"tether/pipelines/demo.py ({', '.join(DEMO_ENTRIES)}), nothing else\n")
+
+
+def _is_demo_dir(run: Path) -> bool:
+    """Empty, marked by the demo, or a demo directory from before the mark (its stage markers)."""
+    legacy = (run / "preferences.done").is_file() or (run / "sft" / DONE).is_file()
+    return not any(run.iterdir()) or (run / OWNER).is_file() or legacy
+
+
 def _empty(run: Path) -> None:
-    """`--fresh`: remove everything inside the run directory but keep the directory (or the link to it)."""
-    if run.is_dir():
-        for entry in run.iterdir():
-            _clear(entry)
+    """`--fresh`: remove what the demo writes inside the run directory; keep the directory (or the
+    link to it) and anything else in it."""
+    for name in DEMO_ENTRIES:
+        _clear(run / name)
 
 
 def _load_policy(path: Path):

@@ -31,7 +31,7 @@ from tether.pipelines.demo import (
     DONE,
     _cached,
     _clear,
-    _empty,
+    claim_demo_dir,
     _read_jsonl,
     _record,
     _stage_id,
@@ -219,9 +219,7 @@ def run_smollm2_demo(output_dir: str | Path = "runs/demo-smollm2", fresh: bool =
     settings = settings or SmolSettings()
     gguf = gguf_location() if base is None else None  # fail before anything is written when it is missing
     run = Path(output_dir)
-    if fresh:
-        _empty(run)
-    run.mkdir(parents=True, exist_ok=True)
+    claim_demo_dir(run, fresh)
     set_threads(0)
     timings, start = {}, time.perf_counter()
     if base is None:
