@@ -146,6 +146,29 @@ def eos_token_ids(tokenizer, model: Optional[nn.Module] = None) -> list[int]:
     return sorted(ids)
 
 
+def position_limit(path: str) -> Optional[int]:
+    """The longest sequence a model can embed, read from its config alone (no weights): learned
+    absolute positions (GPT-2's n_positions, max_position_embeddings without rotary embeddings)
+    end in an IndexError past it. Rotary models only degrade, so they have none here."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path).get_text_config()
+    values = config.to_dict()
+    if values.get("n_positions"):
+        return int(values["n_positions"])
+    rotary = any("rope" in key for key in values) or values.get("position_embedding_type") == "rotary"
+    if values.get("max_position_embeddings") and not rotary:
+        return int(values["max_position_embeddings"])
+    return None
+
+
+def check_sequence_fits(path: str, length: int, what: str, fix: str) -> None:
+    """Refuse, before any weights load, a sequence longer than the model's positions."""
+    limit = position_limit(path)
+    if limit is not None and length > limit:
+        raise ValueError(f"{what} = {length} tokens is longer than {path} can embed ({limit} positions); {fix}")
+
+
 # --- policy and reference -----------------------------------------------------
 
 

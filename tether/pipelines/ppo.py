@@ -28,6 +28,7 @@ from tether.models import (
     load_reward_model,
     load_tokenizer,
     load_value_model,
+    check_sequence_fits,
     pick_device,
     resize_for_tokenizer,
     same_vocabulary,
@@ -152,6 +153,8 @@ def build_ppo_trainer(cfg: PPOConfig, generation=None) -> PPOTrainer:
     cfg.validate()
     join_ranks(cfg)
     precision = settle_precision(cfg)  # before the run directory compares a resumed config with its own
+    check_sequence_fits(cfg.policy, cfg.max_prompt_length + cfg.max_new_tokens,  # before anything is written
+                        "max_prompt_length + max_new_tokens", "lower max_prompt_length or max_new_tokens")
     start = start_run(cfg)
     with locked(start, until_done=False):
         return _build_ppo_trainer(cfg, start, precision, generation)

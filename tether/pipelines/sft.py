@@ -13,7 +13,7 @@ from tether.config import SFTConfig
 from tether.data import DataError, check_messages, load_records, load_texts, pack_texts
 from tether.config import lora_settings
 from tether.lora import add_lora, require_full_model
-from tether.models import load_causal_lm, load_tokenizer, pick_device
+from tether.models import check_sequence_fits, load_causal_lm, load_tokenizer, pick_device
 from tether.pipelines.ppo import commit, join_ranks, locked, settle_precision, start_run, use_attention
 from tether.precision import BY_NAME
 from tether.rundir import prune_checkpoints
@@ -28,6 +28,8 @@ def run_sft(cfg: SFTConfig) -> dict[str, float]:
     cfg.validate()
     join_ranks(cfg)
     settle_precision(cfg)  # before the run directory compares a resumed config with its own
+    if cfg.init == "pretrained":  # before anything is written
+        check_sequence_fits(cfg.model, cfg.block_size, "block_size", "lower block_size")
     with locked(start_run(cfg)) as start:
         return _run_sft(cfg, start)
 
