@@ -468,3 +468,46 @@ def test_fresh_in_the_demos_own_directory_keeps_what_the_demo_did_not_write(tmp_
     (run / "my_notes.txt").write_text("mine")
     claim_demo_dir(run, fresh=True)
     assert sorted(p.name for p in run.iterdir()) == sorted([OWNER, "my_notes.txt"])
+
+
+def damage_truncated(run):
+    path = run / "final" / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:1000])
+    return "final", r"HeaderTooLarge|SafetensorError|Error"
+
+
+def damage_overwritten(run):
+    from safetensors.torch import load_file, save_file
+
+    path = run / "final" / "model.safetensors"
+    weights = load_file(str(path))
+    name = next(k for k in weights if k.endswith("wte.weight"))
+    weights[name] = weights[name].clone().fill_(float("nan"))
+    save_file(weights, str(path), metadata={"format": "pt"})
+    return "final", r"holds non-finite policy weights"
+
+
+def damage_state_missing(run):
+    (run / "final" / "trainer_state.json").unlink()
+    return "final", r"it has no trainer_state.json"
+
+
+@pytest.mark.parametrize("damage", [damage_truncated, damage_overwritten, damage_state_missing],
+                         ids=["truncated", "overwritten", "state missing"])
+def test_a_damaged_newest_checkpoint_is_named_with_the_way_on_and_nothing_is_touched(tiny_dirs, tmp_path, capsys,
+                                                                                    damage):
+    run = tmp_path / "run"
+    assert main(["ppo", *ppo_args(tiny_dirs, run, total_updates=2, save_every=1)]) == 0
+    damaged, pattern = damage(run)
+    before = snapshot(run)
+    capsys.readouterr()
+    assert main(["ppo", *ppo_args(tiny_dirs, run, total_updates=3, save_every=1, resume="true")]) == 2
+    err = capsys.readouterr().err
+    message = [line for line in err.splitlines() if line.startswith("tether: error:")]
+    assert len(message) == 1 and "Traceback" not in err, err
+    assert f"cannot resume from {run / damaged}" in message[0] and __import__("re").search(pattern, message[0])
+    assert f"mv {run / damaged} {run / damaged}.damaged" in message[0]
+    assert "resume again to continue from checkpoint-1" in message[0]
+    assert snapshot(run) == before  # config.yaml, metrics and every checkpoint as they were
+    (run / damaged).rename(run / f"{damaged}.damaged")  # the way on works
+    assert main(["ppo", *ppo_args(tiny_dirs, run, total_updates=3, save_every=1, resume="true")]) == 0

@@ -85,6 +85,24 @@ def latest_checkpoint(path: Path) -> Optional[Path]:
     return max(candidates, key=lambda c: c[0])[1] if candidates else None
 
 
+def damaged_checkpoint_error(run: Path, checkpoint: Path, what: str) -> RunDirError:
+    """A checkpoint that cannot be resumed from: name it, what is wrong, and the way on."""
+    earlier = [p for _, p in checkpoints(run) if p != checkpoint and checkpoint_step(p) <= checkpoint_step(checkpoint)] \
+        if (checkpoint / STATE_FILE).is_file() else [p for _, p in checkpoints(run)]
+    way_on = (f"resume again to continue from {earlier[-1].name}" if earlier
+              else "no earlier checkpoint is left: start over with overwrite=true")
+    return RunDirError(f"cannot resume from {checkpoint}: {what}. Nothing was changed; move it aside (mv {checkpoint} "
+                       f"{checkpoint}.damaged) and {way_on}")
+
+
+def check_final_complete(run: Path) -> None:
+    """A PPO run's final/ always holds its trainer state: one without is damaged, and resuming from
+    an older checkpoint would silently replace the newer rows."""
+    final = Path(run) / "final"
+    if final.is_dir() and not (final / STATE_FILE).is_file():
+        raise damaged_checkpoint_error(Path(run), final, f"it has no {STATE_FILE} (a finished PPO run writes one)")
+
+
 def checkpoint_step(checkpoint: Path) -> int:
     state = json.loads((Path(checkpoint) / STATE_FILE).read_text())
     return int(state.get("update", state.get("step", 0)))

@@ -35,7 +35,7 @@ from tether.models import (
 )
 from tether.precision import Precision, PrecisionError, keep_lm_head_fp32, resolve_precision
 from tether.rewards import ModelReward, load_reward_fn, reward_eos
-from tether.rundir import RunStart, commit_run, open_run
+from tether.rundir import RunDirError, RunStart, check_final_complete, commit_run, damaged_checkpoint_error, open_run
 from tether.roles import SeparateRoles, SharedBaseRoles
 from tether.tracking import check_sink_packages, make_tracker
 from tether.trainers.ppo import PPOTrainer
@@ -155,6 +155,8 @@ def build_ppo_trainer(cfg: PPOConfig, generation=None) -> PPOTrainer:
     precision = settle_precision(cfg)  # before the run directory compares a resumed config with its own
     check_sequence_fits(cfg.policy, cfg.max_prompt_length + cfg.max_new_tokens,  # before anything is written
                         "max_prompt_length + max_new_tokens", "lower max_prompt_length or max_new_tokens")
+    if cfg.resume:
+        check_final_complete(Path(cfg.output_dir))
     start = start_run(cfg)
     with locked(start, until_done=False):
         return _build_ppo_trainer(cfg, start, precision, generation)
@@ -176,7 +178,9 @@ def _build_ppo_trainer(cfg: PPOConfig, start: RunStart, precision: Precision, ge
     gold = load_reward_fn(cfg.gold_reward_fn) if cfg.gold_reward_fn else None
     eval_prompts = load_prompts(cfg, tokenizer, cfg.eval_prompts)[: cfg.eval_max_prompts] if cfg.eval_prompts else None
     if start.checkpoint is not None:
-        roles.load(start.checkpoint)  # before any sharding: whole tensors into whole models
+        with readable_checkpoint(start):
+            roles.load(start.checkpoint)  # before any sharding: whole tensors into whole models
+            check_finite_weights(roles, start)
     if distributed.active():  # identical starting weights; then each rank samples its own random numbers
         distributed.broadcast_parameters(roles.trainable("policy") + roles.trainable("critic"))
         seed_everything(distributed.rank_seed(cfg.seed))
@@ -188,7 +192,8 @@ def _build_ppo_trainer(cfg: PPOConfig, start: RunStart, precision: Precision, ge
     trainer = PPOTrainer(cfg, roles, tokenizer, prompts, ptx_blocks=ptx_blocks, run_dir=start.path, device=device,
                          gold=gold, eval_prompts=eval_prompts, generation=generation, precision=precision)
     if start.checkpoint is not None:
-        trainer.load_state(start.checkpoint, weights=False)
+        with readable_checkpoint(start):
+            trainer.load_state(start.checkpoint, weights=False)
         if trainer.update > cfg.total_updates:  # before config.yaml is rewritten to say otherwise
             raise ConfigError(f"total_updates={cfg.total_updates} is below the {trainer.update} updates {start.path} "
                               f"has already done; resume with total_updates >= {trainer.update}")
@@ -200,6 +205,28 @@ def _build_ppo_trainer(cfg: PPOConfig, start: RunStart, precision: Precision, ge
         trainer.tracker = make_tracker(run_dir, cfg.log_with, cfg.wandb_project, config_to_dict(cfg))
     trainer.lock = start.lock
     return trainer
+
+
+@contextmanager
+def readable_checkpoint(start: RunStart):
+    """A checkpoint that fails to load (a truncated or overwritten file, a missing piece) is named,
+    with what failed and the way on, instead of an unexpected error; nothing has been written yet."""
+    try:
+        yield
+    except (ConfigError, RunDirError):
+        raise
+    except Exception as err:  # noqa: BLE001 - any failure to read a checkpoint's files means the same
+        raise damaged_checkpoint_error(start.path, start.checkpoint, f"{type(err).__name__}: {str(err)[:300]}") from err
+
+
+def check_finite_weights(roles, start: RunStart) -> None:
+    """Loaded weights must be finite: overwritten bytes would otherwise resume into NaN weights."""
+    for role in ("policy", "critic"):
+        for index, param in enumerate(roles.trainable(role)):
+            if not torch.isfinite(param).all():
+                raise damaged_checkpoint_error(start.path, start.checkpoint, f"it holds non-finite {role} weights "
+                                               f"(tensor {index} of {len(roles.trainable(role))}, shape "
+                                               f"{tuple(param.shape)})")
 
 
 def settle_precision(cfg) -> Precision:
