@@ -511,3 +511,32 @@ def test_a_damaged_newest_checkpoint_is_named_with_the_way_on_and_nothing_is_tou
     assert snapshot(run) == before  # config.yaml, metrics and every checkpoint as they were
     (run / damaged).rename(run / f"{damaged}.damaged")  # the way on works
     assert main(["ppo", *ppo_args(tiny_dirs, run, total_updates=3, save_every=1, resume="true")]) == 0
+
+
+def test_a_full_disk_while_checkpointing_names_the_checkpoint_frees_its_partial_copy_and_keeps_the_others(
+        tiny_dirs, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import tether.checkpoint as checkpoint
+
+    run = tmp_path / "run"
+    real_save = checkpoint.torch.save
+    calls = []
+
+    def disk_fills_at_the_second_checkpoint(obj, target, *args, **kwargs):
+        calls.append(target)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(target))
+        return real_save(obj, target, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", disk_fills_at_the_second_checkpoint)
+    capsys.readouterr()
+    assert main(["ppo", *ppo_args(tiny_dirs, run, total_updates=3, save_every=1)]) == 1
+    err = capsys.readouterr().err
+    message = [line for line in err.splitlines() if line.startswith("tether: error:")]
+    assert len(message) == 1 and "Traceback" not in err, err
+    assert f"could not write checkpoint {run / 'checkpoint-2'}: No space left on device" in message[0]
+    assert "every earlier checkpoint is intact" in message[0] and "resume=true continues" in message[0]
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-1"]  # no checkpoint-2.tmp left
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    assert main(["ppo", *ppo_args(tiny_dirs, run, total_updates=3, save_every=1, resume="true")]) == 0

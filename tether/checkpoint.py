@@ -23,6 +23,17 @@ from tether import distributed
 log = logging.getLogger(__name__)
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written; the partial copy is gone and earlier checkpoints are intact."""
+
+    def __init__(self, path: Path, err: OSError):
+        super().__init__(err.errno, f"could not write checkpoint {path}: {err.strerror or err} (at "
+                                    f"{err.filename or path}); its partial copy was removed and every earlier "
+                                    "checkpoint is intact: free space (or fix the path) and resume=true continues "
+                                    "from the last one")
+        self.path = path
+
+
 def save_checkpoint(path: Path, policy, tokenizer, critic=None, state: Optional[dict] = None,
                     tensors: Optional[dict] = None) -> Path:
     """Write into `path.tmp`, then rename: a crash mid-save never leaves a half checkpoint."""
@@ -31,15 +42,19 @@ def save_checkpoint(path: Path, policy, tokenizer, critic=None, state: Optional[
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    policy.save_pretrained(tmp, safe_serialization=True)
-    _fault_point()
-    tokenizer.save_pretrained(tmp)
-    if critic is not None:
-        critic.save_pretrained(tmp / "critic")
-    if state is not None:
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-    if tensors is not None:
-        torch.save(tensors, tmp / "trainer_state.pt")
+    try:
+        policy.save_pretrained(tmp, safe_serialization=True)
+        _fault_point()
+        tokenizer.save_pretrained(tmp)
+        if critic is not None:
+            critic.save_pretrained(tmp / "critic")
+        if state is not None:
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        if tensors is not None:
+            torch.save(tensors, tmp / "trainer_state.pt")
+    except OSError as err:  # e.g. a full disk: give back the space the partial copy holds, say which save failed
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(path, err) from err
     if path.exists():
         old = path.with_name(path.name + ".old")
         os.replace(path, old)

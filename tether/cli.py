@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -132,6 +133,7 @@ EXIT_INPUT, EXIT_RUNTIME = 2, 1  # fix the config/data/paths | the run failed wh
 
 def failure(err: BaseException) -> tuple[int, str]:
     """(exit code, one-line message) for an expected failure; the message names the item and the fix."""
+    from tether.checkpoint import CheckpointWriteError
     from tether.rewards import RewardError, RewardLoadError
     from tether.trainers.ppo import NonFiniteError, TrainingStopped
 
@@ -152,6 +154,11 @@ def failure(err: BaseException) -> tuple[int, str]:
                             "existing file; check the path and its permissions)")
     if isinstance(err, (ValueError, FileNotFoundError, ImportError)):
         return EXIT_INPUT, str(err)
+    if isinstance(err, CheckpointWriteError):
+        return EXIT_RUNTIME, err.strerror
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return EXIT_RUNTIME, (f"no space left on the device while writing {err.filename or 'a file'}; free space "
+                              "and rerun (checkpoints written before are intact: resume=true continues a run)")
     if isinstance(err, OSError):  # e.g. a model id that is neither a directory here nor reachable on the hub
         return EXIT_INPUT, f"{str(err).strip().splitlines()[0]}"
     if isinstance(err, MemoryError):
