@@ -540,3 +540,38 @@ def test_a_full_disk_while_checkpointing_names_the_checkpoint_frees_its_partial_
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-1"]  # no checkpoint-2.tmp left
     monkeypatch.setattr(checkpoint.torch, "save", real_save)
     assert main(["ppo", *ppo_args(tiny_dirs, run, total_updates=3, save_every=1, resume="true")]) == 0
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward"])
+def test_sigterm_stops_sft_and_reward_training_with_one_line_and_no_stale_lock(tiny_dirs, tmp_path, stage):
+    import signal
+    import time
+
+    from tether.tiny import builtin_corpus
+
+    run = tmp_path / "run"
+    if stage == "sft":
+        data = tmp_path / "text.jsonl"
+        data.write_text("".join(json.dumps({"text": t}) + "\n" for t in builtin_corpus(200, seed=2)))
+        args = [f"data={data}", "init=scratch", "vocab_size=256", "hidden=32", "layers=1", "heads=2", "block_size=32",
+                "max_steps=100000", "eval_every=100000"]
+    else:
+        from test_reward import preference_rows
+
+        data = tmp_path / "pairs.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in preference_rows()))
+        args = [f"model={tiny_dirs['gpt2']}", f"data={data}", "epochs=100000", "eval_every=100000", "max_length=32"]
+    process = subprocess.Popen([sys.executable, "-m", "tether", stage, *args, f"output_dir={run}", "progress=false",
+                                "num_threads=1"], stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.time() + 120
+    while not (run / "config.yaml").is_file():  # written once every check has passed: training is next
+        assert time.time() < deadline and process.poll() is None, "the run never started"
+        time.sleep(0.2)
+    time.sleep(2)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 143, err
+    message = [line for line in err.splitlines() if line.startswith("tether: error:")]
+    assert len(message) == 1 and "stopped by SIGTERM" in message[0] and "Traceback" not in err, err
+    assert not (run / ".tether.lock").exists()

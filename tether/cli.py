@@ -7,7 +7,9 @@ import argparse
 import errno
 import logging
 import os
+import signal
 import sys
+import threading
 
 import importlib
 
@@ -131,6 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
 EXIT_INPUT, EXIT_RUNTIME = 2, 1  # fix the config/data/paths | the run failed while running
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside PPO training (which stops after its update): unwind like Ctrl-C, so the run
+    directory's lock is released and one line says what happened."""
+
+
+def _raise_terminated(_signum, _frame) -> None:
+    raise Terminated()
+
+
 def failure(err: BaseException) -> tuple[int, str]:
     """(exit code, one-line message) for an expected failure; the message names the item and the fix."""
     from tether.checkpoint import CheckpointWriteError
@@ -139,9 +150,13 @@ def failure(err: BaseException) -> tuple[int, str]:
 
     if isinstance(err, TrainingStopped):
         return err.exit_code, str(err)
+    if isinstance(err, Terminated):
+        return 143, ("stopped by SIGTERM; checkpoints already in the run directory are intact (resume=true continues "
+                     "from the last one; `tether ppo` stops after its current update with a checkpoint)")
     if isinstance(err, KeyboardInterrupt):
-        return 130, ("interrupted; checkpoints already in the run directory are intact (a first Ctrl-C during "
-                     "training stops after the update with a checkpoint, a second one at once)")
+        return 130, ("interrupted; checkpoints already in the run directory are intact (resume=true continues from "
+                     "the last one; a first Ctrl-C during `tether ppo` training stops after the update with a "
+                     "checkpoint, a second one at once)")
     if isinstance(err, ConfigError):
         return EXIT_INPUT, f"config error: {err}"
     if isinstance(err, RewardLoadError):
@@ -179,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if distributed.launched_rank() != 0:
         logging.getLogger().setLevel(logging.WARNING)  # under torchrun rank 0 speaks for the run
+    handles_signals = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if handles_signals else None
     try:
         return args.run(args)
     except (Exception, KeyboardInterrupt) as err:
@@ -189,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         return code
     finally:
         distributed.shutdown()
+        if handles_signals:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
