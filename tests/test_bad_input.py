@@ -575,3 +575,28 @@ def test_sigterm_stops_sft_and_reward_training_with_one_line_and_no_stale_lock(t
     message = [line for line in err.splitlines() if line.startswith("tether: error:")]
     assert len(message) == 1 and "stopped by SIGTERM" in message[0] and "Traceback" not in err, err
     assert not (run / ".tether.lock").exists()
+
+
+def test_a_reference_with_fewer_embedding_rows_and_a_tokenizer_of_another_model_are_refused(
+        tiny_dirs, earlier, tmp_path, capsys, other_vocab):
+    from tether.tiny import build_tiny_causal_lm, builtin_corpus, train_tokenizer
+
+    small = tmp_path / "small_vocab"  # weights only: no tokenizer files to compare
+    model = build_tiny_causal_lm("gpt2", train_tokenizer(builtin_corpus(100, seed=3), vocab_size=256), seed=0,
+                                 hidden=16, layers=1, heads=2)
+    model.resize_token_embeddings(200)  # fewer rows than the policy's tokenizer has tokens
+    model.save_pretrained(small)
+    for overrides, pattern in (
+            ({"reference": small}, r"reference .*small_vocab has \d+ embedding rows but the policy's tokenizer has "
+                                   r"\d+ tokens; the reference must be a model of the policy's vocabulary"),
+            ({"tokenizer": other_vocab}, r"tokenizer=.* has a different vocabulary than the policy .*unset tokenizer")):
+        code, err = run_case({**overrides, "output_dir": "NEW"}, tiny_dirs, earlier, tmp_path, capsys)
+        message = [line for line in err.splitlines() if line.startswith("tether: error:")]
+        assert code == 2 and len(message) == 1 and __import__("re").search(pattern, message[0]), err
+        assert "Traceback" not in err
+
+
+def test_a_config_path_that_is_a_directory_is_named_as_one(tmp_path, capsys):
+    capsys.readouterr()
+    assert main(["ppo", "--config", str(tmp_path)]) == 2
+    assert f"config file {tmp_path} is a directory; give the YAML file" in capsys.readouterr().err

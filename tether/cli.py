@@ -76,15 +76,22 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    if args.model == "smollm2":
-        from tether.pipelines.demo_smollm2 import run_smollm2_demo
+    from tether.trainers.ppo import TrainingStopped
 
-        run_smollm2_demo(args.output_dir or "runs/demo-smollm2", fresh=args.fresh)
+    try:
+        if args.model == "smollm2":
+            from tether.pipelines.demo_smollm2 import run_smollm2_demo
+
+            run_smollm2_demo(args.output_dir or "runs/demo-smollm2", fresh=args.fresh)
+            return 0
+        from tether.pipelines.demo import run_demo
+
+        run_demo(args.output_dir or "runs/demo", fresh=args.fresh)
         return 0
-    from tether.pipelines.demo import run_demo
-
-    run_demo(args.output_dir or "runs/demo", fresh=args.fresh)
-    return 0
+    except TrainingStopped as err:  # `tether demo` takes no resume=true: say how the demo goes on
+        reason = str(err).split("; checkpoint")[0].split("; no run directory")[0]
+        raise TrainingStopped(f"{reason}; rerun the same `tether demo` command: its finished stages are reused and "
+                              "PPO starts again", err.checkpoint, err.exit_code) from err
 
 
 def build_parser() -> argparse.ArgumentParser:

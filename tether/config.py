@@ -453,6 +453,8 @@ def _stage(cls: type) -> str:
 def _read_yaml(path: str) -> dict[str, Any]:
     file = Path(path)
     if not file.is_file():
+        if file.is_dir():
+            raise ConfigError(f"config file {path} is a directory; give the YAML file (e.g. {path}/config.yaml)")
         raise ConfigError(f"config file not found: {path}")
     try:
         data = yaml.safe_load(file.read_text()) or {}

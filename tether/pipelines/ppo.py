@@ -20,6 +20,7 @@ from tether.config import ConfigError, PPOConfig, config_to_dict, lora_settings,
 from tether.data import load_records, load_texts, pack_texts, tokenize_prompts
 from tether.generation import engine_embedding_rows
 from tether.models import (
+    PAD_TOKEN,
     disable_dropout,
     freeze,
     frozen_copy,
@@ -166,6 +167,7 @@ def _build_ppo_trainer(cfg: PPOConfig, start: RunStart, precision: Precision, ge
     device = pick_device(cfg.device)
 
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.policy, engine_embedding_rows(cfg))  # vllm: pad in its vocab
+    check_tokenizer_matches_policy(cfg, tokenizer)
     prompts = load_prompts(cfg, tokenizer)
     reward_fn = load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None  # import errors before loading models
     check_sink_packages(cfg.log_with)
@@ -276,7 +278,9 @@ def build_roles(cfg: PPOConfig, tokenizer, precision: Precision, device, reward_
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
     if cfg.reference:
-        reference = prepare(load_causal_lm(cfg.reference, precision.frozen), tokenizer, device, cfg)
+        reference = load_causal_lm(cfg.reference, precision.frozen)
+        check_embedding_rows(reference, tokenizer, f"reference {cfg.reference}")
+        reference = prepare(reference, tokenizer, device, cfg)
         check_reference_vocabulary(cfg, tokenizer)
     else:
         reference = frozen_copy(policy).to(precision.frozen)
@@ -364,6 +368,28 @@ def load_prompts(cfg: PPOConfig, tokenizer, source: Optional[str] = None) -> lis
                     stats.truncated, stats.total, cfg.max_prompt_length)
     log.info("loaded %d prompts from %s", len(prompts), source)
     return prompts
+
+
+def check_embedding_rows(model, tokenizer, what: str) -> None:
+    """A frozen model may gain the pad row tether adds, nothing more: rows grown for other ids would be
+    random, and the KL would compare the policy against noise there."""
+    rows = model.get_input_embeddings().num_embeddings
+    missing = len(tokenizer) - rows
+    if missing > 1 or (missing == 1 and tokenizer.pad_token != PAD_TOKEN):
+        raise ValueError(f"{what} has {rows} embedding rows but the policy's tokenizer has {len(tokenizer)} tokens; "
+                         "the reference must be a model of the policy's vocabulary (e.g. the policy's SFT model)")
+
+
+def check_tokenizer_matches_policy(cfg: PPOConfig, tokenizer) -> None:
+    """`tokenizer=` from another model would feed the policy ids it never learned."""
+    if cfg.tokenizer is None or not has_tokenizer_files(cfg.policy):
+        return
+    from transformers import AutoTokenizer
+
+    own = AutoTokenizer.from_pretrained(cfg.policy)
+    if not same_vocabulary(own, tokenizer):
+        raise ValueError(f"tokenizer={cfg.tokenizer} has a different vocabulary than the policy {cfg.policy} "
+                         f"({len(tokenizer)} vs {len(own)} tokens); unset tokenizer to use the policy's own")
 
 
 def prepare(model, tokenizer, device, cfg=None):
