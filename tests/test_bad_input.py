@@ -600,3 +600,19 @@ def test_a_config_path_that_is_a_directory_is_named_as_one(tmp_path, capsys):
     capsys.readouterr()
     assert main(["ppo", "--config", str(tmp_path)]) == 2
     assert f"config file {tmp_path} is a directory; give the YAML file" in capsys.readouterr().err
+
+
+def test_a_reward_function_that_never_returns_stops_the_run_with_a_checkpoint(tiny_dirs, tmp_path, capsys):
+    hangs = tmp_path / "hangs.py"
+    hangs.write_text("import threading\nCALLS = [0]\n\ndef score(responses):\n    CALLS[0] += 1\n"
+                     "    if CALLS[0] == 2:\n        threading.Event().wait()  # never returns\n"
+                     "    return [0.0] * len(responses)\n")
+    run = tmp_path / "run"
+    capsys.readouterr()
+    assert main(["ppo", *ppo_args(tiny_dirs, run, reward_fn=f"{hangs}:score", total_updates=3,
+                                  reward_timeout_s=2)]) == 1
+    err = capsys.readouterr().err
+    message = [line for line in err.splitlines() if line.startswith("tether: error:")]
+    assert len(message) == 1 and "Traceback" not in err, err
+    assert f"reward {hangs}:score did not return within reward_timeout_s=2 s while scoring 4 responses" in message[0]
+    assert f"checkpoint {run / 'checkpoint-1'}" in message[0] and "resume=true" in message[0]

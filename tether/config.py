@@ -38,6 +38,7 @@ class PPOConfig:
     critic: Optional[str] = opt(None, "Backbone for the critic; default: the reward model if it is a model, else the policy.")
     reward_model: Optional[str] = opt(None, "Reward model path (AutoModelForSequenceClassification, 1 label).")
     reward_fn: Optional[str] = opt(None, "Reward function 'module:function' taking list[str] responses, returning list[float].")
+    reward_timeout_s: Optional[float] = opt(None, "A reward_fn (or gold_reward_fn) call that takes longer than this many seconds stops the run with a checkpoint and one line naming the function (null = wait for ever).")
     reward_tokenizer: Optional[str] = opt(None, "Tokenizer of the reward model when it differs from the policy's; default: the reward model's own.")
     gold_reward_fn: Optional[str] = opt(None, "A second scorer 'module:function', never optimised, evaluated on the same samples (gold/score): shows reward-model over-optimisation.")
     tokenizer: Optional[str] = opt(None, "Policy tokenizer path; default: the policy path.")
@@ -214,7 +215,7 @@ class PPOConfig:
                       "rollout_batch_size", "kl_coef", "vf_coef", "entropy_coef", "num_threads", "critic_warmup_updates",
                       "keep_checkpoints", "ptx_coef", "weight_decay")
         _positive_if_set(self, "max_grad_norm", "value_clip_eps", "clip_eps_low", "clip_eps_high", "score_clip",
-                         "critic_learning_rate", "target_kl_stop")
+                         "critic_learning_rate", "target_kl_stop", "reward_timeout_s")
         for key in ("adam_eps",):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key} must be > 0, got {getattr(self, key)}")

@@ -6,6 +6,7 @@ import importlib
 import importlib.util
 import inspect
 import sys
+import threading
 from pathlib import Path
 from typing import Callable, Optional, Protocol, Sequence
 
@@ -30,26 +31,58 @@ class RewardSource(Protocol):
         ...
 
 
-class FunctionReward:
-    """A Python function `list[str] -> list[float]` scoring responses (optionally given `prompts=`)."""
+class RewardTimeout(RewardError):
+    """A reward call ran past reward_timeout_s: the run stops with a checkpoint."""
 
-    def __init__(self, fn: Callable, name: str = ""):
+
+class FunctionReward:
+    """A Python function `list[str] -> list[float]` scoring responses (optionally given `prompts=`).
+    With `timeout_s`, a call that runs longer raises RewardTimeout (the call itself is abandoned in
+    its thread: Python cannot stop it)."""
+
+    def __init__(self, fn: Callable, name: str = "", timeout_s: Optional[float] = None):
         self.fn = fn
         self.name = name or getattr(fn, "__name__", repr(fn))
         self.wants_prompts = "prompts" in inspect.signature(fn).parameters
+        self.timeout_s = timeout_s
 
     def score(self, prompts, responses, input_ids=None, attention_mask=None) -> Tensor:
         try:
-            raw = self._call(prompts, responses)
+            raw = self._call_in_time(prompts, responses)
         except SystemExit as err:  # would end tether mid-run, exit code and all, without a checkpoint
             raise RewardError(f"reward {self.name} called sys.exit({err.code}) while scoring {len(responses)} "
                               "responses; a reward function must return scores (raise an exception to stop)") from err
+        except RewardTimeout:
+            raise
         except Exception as err:  # the user's code: find the response it fails on, and name it
             raise RewardError(self._failure(prompts, responses, err)) from err
         return check_scores(raw, responses, self.name)
 
     def _call(self, prompts, responses):
         return self.fn(responses, prompts=prompts) if self.wants_prompts else self.fn(responses)
+
+    def _call_in_time(self, prompts, responses):
+        """The call, in a daemon thread when a timeout is set (a hung call must not keep the process alive)."""
+        if self.timeout_s is None:
+            return self._call(prompts, responses)
+        box: dict = {}
+
+        def run():
+            try:
+                box["value"] = self._call(prompts, responses)
+            except BaseException as err:  # noqa: BLE001 - handed to the caller's thread as it is
+                box["error"] = err
+
+        worker = threading.Thread(target=run, name=f"reward {self.name}", daemon=True)
+        worker.start()
+        worker.join(self.timeout_s)
+        if worker.is_alive():
+            raise RewardTimeout(f"reward {self.name} did not return within reward_timeout_s={self.timeout_s:g} s "
+                                f"while scoring {len(responses)} responses (first: {responses[0][:100]!r}); fix the "
+                                "function, or raise reward_timeout_s")
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
 
     def _failure(self, prompts, responses, err: Exception) -> str:
         for i, response in enumerate(responses):
@@ -76,7 +109,7 @@ def check_scores(raw: Sequence[float], responses: list[str], name: str) -> Tenso
     return torch.tensor(values, dtype=torch.float32)
 
 
-def load_reward_fn(spec: str) -> FunctionReward:
+def load_reward_fn(spec: str, timeout_s: Optional[float] = None) -> FunctionReward:
     """'package.module:function' or 'path/to/file.py:function'."""
     module_name, _, attr = spec.rpartition(":")
     if not module_name or not attr:
@@ -94,7 +127,7 @@ def load_reward_fn(spec: str) -> FunctionReward:
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise RewardLoadError(f"reward_fn {spec!r}: module {module_name!r} has no function {attr!r}")
-    return FunctionReward(fn, name=spec)
+    return FunctionReward(fn, name=spec, timeout_s=timeout_s)
 
 
 def _module_from_file(path: str):

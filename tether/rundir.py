@@ -44,7 +44,7 @@ SAFE_TO_CHANGE = frozenset({
     "doctor", "doctor_stop_on",
     # where the run lives (a run directory moved or copied resumes from its new place), and whether a
     # skipped update is undone (it changes nothing while updates are not skipped)
-    "output_dir", "undo_skipped_updates",
+    "output_dir", "undo_skipped_updates", "reward_timeout_s",
 })
 
 

@@ -169,7 +169,7 @@ def _build_ppo_trainer(cfg: PPOConfig, start: RunStart, precision: Precision, ge
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.policy, engine_embedding_rows(cfg))  # vllm: pad in its vocab
     check_tokenizer_matches_policy(cfg, tokenizer)
     prompts = load_prompts(cfg, tokenizer)
-    reward_fn = load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None  # import errors before loading models
+    reward_fn = load_reward_fn(cfg.reward_fn, cfg.reward_timeout_s) if cfg.reward_fn else None  # fail before models
     check_sink_packages(cfg.log_with)
     ptx_blocks = None
     if cfg.ptx_data:
@@ -177,7 +177,7 @@ def _build_ppo_trainer(cfg: PPOConfig, start: RunStart, precision: Precision, ge
         log.info("PPO-ptx: %d blocks of %d tokens from %s", len(ptx_blocks), cfg.ptx_block_size, cfg.ptx_data)
 
     roles = build_roles(cfg, tokenizer, precision, device, reward_fn)
-    gold = load_reward_fn(cfg.gold_reward_fn) if cfg.gold_reward_fn else None
+    gold = load_reward_fn(cfg.gold_reward_fn, cfg.reward_timeout_s) if cfg.gold_reward_fn else None
     eval_prompts = load_prompts(cfg, tokenizer, cfg.eval_prompts)[: cfg.eval_max_prompts] if cfg.eval_prompts else None
     if start.checkpoint is not None:
         with readable_checkpoint(start):

@@ -63,6 +63,7 @@ from tether.text_health import distinct_n, repeated_ngram_rate
 from tether.generation import BuiltinSampler, GenerationBackend, logprob_gap
 from tether.models import eos_token_ids
 from tether.precision import FP32, Precision
+from tether.rewards import RewardTimeout
 from tether.roles import Roles
 from tether.rollout import GenerationSettings, Rollout, collect_rollout, concat_rollouts, select_rows, synced_clock
 from tether.sharding import full_optimizer_state, local_optimizer_state
@@ -238,7 +239,10 @@ class PPOTrainer:
         if self.eval_prompts and self.update == 0:
             self.log_evaluation()  # the starting point: the SFT policy on held-out prompts
         while self.update < cfg.total_updates:
-            metrics = self.step()
+            try:
+                metrics = self.step()
+            except RewardTimeout as err:  # nothing of this update reached the weights: stop where it started
+                self._stop(str(err))
             bar.update(1)
             if "reward/score" in metrics:
                 bar.set_postfix(score=f"{metrics['reward/score']:.3f}", kl=f"{metrics['kl/mean']:.2f}",
