@@ -616,3 +616,36 @@ def test_a_reward_function_that_never_returns_stops_the_run_with_a_checkpoint(ti
     assert len(message) == 1 and "Traceback" not in err, err
     assert f"reward {hangs}:score did not return within reward_timeout_s=2 s while scoring 4 responses" in message[0]
     assert f"checkpoint {run / 'checkpoint-1'}" in message[0] and "resume=true" in message[0]
+
+
+def test_a_lone_surrogate_and_a_chat_template_that_raises_name_their_record(tiny_dirs, tmp_path):
+    import copy
+
+    from tether.data import DataError, tokenize_prompts
+    from tether.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_dirs["gpt2"]))
+    with pytest.raises(DataError, match=r"p.jsonl: record 1: the tokenizer cannot encode its prompt .*lone surrogate"):
+        tokenize_prompts([{"prompt": "fine"}, {"prompt": "cut emoji \ud83d"}], tokenizer, source="p.jsonl")
+    strict = copy.deepcopy(tokenizer)
+    strict.chat_template = ("{% for m in messages %}{% if m['role'] not in ['user', 'assistant'] %}"
+                            "{{ raise_exception('unknown role ' + m['role']) }}{% endif %}{{ m['content'] }}"
+                            "{% endfor %}")
+    records = [{"messages": [{"role": "user", "content": "hi"}]}, {"messages": [{"role": "tool", "content": "x"}]}]
+    with pytest.raises(DataError, match=r"p.jsonl: record 1: the chat template failed .*\['tool'\].*unknown role tool"):
+        tokenize_prompts(records, strict, source="p.jsonl")
+
+
+def test_an_interrupted_demo_says_to_rerun_it_not_to_resume(monkeypatch, tmp_path, capsys):
+    import tether.pipelines.demo as demo
+    from tether.trainers.ppo import TrainingStopped
+
+    def stopped(output_dir, fresh=False):
+        raise TrainingStopped(f"stopped by SIGINT after update 3; checkpoint {output_dir}/ppo/checkpoint-3; continue "
+                              "with the same command plus resume=true", None, 130)
+
+    monkeypatch.setattr(demo, "run_demo", stopped)
+    capsys.readouterr()
+    assert main(["demo", "--output-dir", str(tmp_path / "demo")]) == 130
+    err = capsys.readouterr().err
+    assert "stopped by SIGINT after update 3; rerun the same `tether demo` command" in err and "resume=true" not in err

@@ -322,7 +322,7 @@ def tokenize_prompts(
             if not conversations[index]:
                 raise DataError(f"{source}: record {index} has no messages before its final answer")
 
-    ids_by_index = _tokenize_texts(texts, tokenizer)
+    ids_by_index = _tokenize_texts(texts, tokenizer, source)
     ids_by_index.update(_tokenize_conversations(conversations, tokenizer, source))
     ids = [ids_by_index[i] for i in range(len(records))]
 
@@ -406,12 +406,22 @@ def _without_final_answer(messages: list) -> tuple[list, bool]:
     return messages, False
 
 
-def _tokenize_texts(texts: dict[int, str], tokenizer) -> dict[int, list[int]]:
+def _tokenize_texts(texts: dict[int, str], tokenizer, source: str = "<prompts>") -> dict[int, list[int]]:
     if not texts:
         return {}
     # One batched call is much faster than one call per prompt with fast tokenizers.
     # verbose=False: the "longer than model_max_length" warning is moot, we truncate below.
-    encoded = tokenizer(list(texts.values()), verbose=False)["input_ids"]
+    try:
+        encoded = tokenizer(list(texts.values()), verbose=False)["input_ids"]
+    except Exception:  # noqa: BLE001 - find the record the tokenizer cannot take, and name it
+        for index, text in texts.items():
+            try:
+                tokenizer(text, verbose=False)
+            except Exception as err:  # noqa: BLE001
+                raise DataError(f"{source}: record {index}: the tokenizer cannot encode its prompt ({type(err).__name__}: "
+                                f"{str(err)[:200]}); fix that text (e.g. a lone surrogate such as \\ud800 from a "
+                                "cut emoji)") from err
+        raise
     return {index: list(ids) for index, ids in zip(texts, encoded)}
 
 
@@ -425,9 +435,15 @@ def _tokenize_conversations(conversations: dict[int, list], tokenizer, source: s
             "chat_template; use plain-text prompts, or a tokenizer with a chat template "
             "(e.g. an instruct model's tokenizer)"
         )
-    return {
-        index: _render_chat(messages, tokenizer) for index, messages in conversations.items()
-    }
+    rendered = {}
+    for index, messages in conversations.items():
+        try:
+            rendered[index] = _render_chat(messages, tokenizer)
+        except Exception as err:  # noqa: BLE001 - a template that raises (an unknown role, ...) names its record
+            roles = [m.get("role") for m in messages]
+            raise DataError(f"{source}: record {index}: the chat template failed on its messages (roles {roles}): "
+                            f"{type(err).__name__}: {str(err)[:200]}; fix the record or the template") from err
+    return rendered
 
 
 def _render_chat(messages: list, tokenizer) -> list[int]:
