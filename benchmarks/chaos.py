@@ -9,6 +9,16 @@ GPT-2 built here. A trial starts a run, kills it after a random delay (or, in ev
 through the fault-injection hook TETHER_FAULT_KILL_IN_SAVE halfway through a random checkpoint
 write), checks every checkpoint it left, then resumes with resume=true (overwrite=true when the
 kill came before the first checkpoint) until the run completes.
+
+Then two fault-injection cases:
+  damaged newest checkpoint  a run killed in its 5th checkpoint write has its newest complete
+                             checkpoint truncated; resume=true must refuse it naming the file and the
+                             way on (exit 2), and after it is moved aside the run must resume from the
+                             previous checkpoint and still end bitwise-identical
+  non-finite step            TETHER_FAULT_NONFINITE_STEP makes the 2nd optimizer step of update 3
+                             see a non-finite gradient norm: that update must be skipped (counted in
+                             ppo/skipped_updates) and its checkpoint must hold exactly the weights of
+                             the one before (the update's first step undone)
 """
 
 from __future__ import annotations
@@ -116,6 +126,38 @@ def trial(assets: dict, out: Path, updates: int, rng: random.Random, duration: f
     return {"killed_by": killed_by, "corrupt": corrupt, "resumes": resumes, "finished": code == 0}
 
 
+def damaged_newest_checkpoint(assets: dict, out: Path, updates: int) -> tuple[bool, str]:
+    """(passed, what happened): see the module docstring."""
+    env = {**ENV, "TETHER_FAULT_KILL_IN_SAVE": "5"}
+    run(command(assets, out, updates), env)
+    from tether.rundir import checkpoints
+
+    newest = checkpoints(out)[-1][1]
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    refused = subprocess.run(command(assets, out, updates, "resume=true"), env=ENV, capture_output=True, text=True)
+    named = refused.returncode == 2 and f"cannot resume from {newest}" in refused.stderr and "mv " in refused.stderr
+    newest.rename(newest.with_name(newest.name + ".damaged"))
+    finished = run(command(assets, out, updates, "resume=true")) == 0
+    return named and finished, f"{newest.name} truncated: refused and named {named}, resumed from the one before {finished}"
+
+
+def nonfinite_step(assets: dict, out: Path, updates: int) -> tuple[bool, str]:
+    """(passed, what happened): see the module docstring. 2 minibatches x 2 epochs = 4 policy steps
+    per update, so step 10 is the second step of update 3."""
+    from safetensors.torch import load_file
+
+    env = {**ENV, "TETHER_FAULT_NONFINITE_STEP": "10"}
+    finished = run(command(assets, out, updates), env) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    skipped = [r["update"] for r in rows if "reward/score" not in r]
+    before, after = (load_file(str(out / f"checkpoint-{k}" / "model.safetensors")) for k in (2, 3))
+    unchanged = before.keys() == after.keys() and all(before[k].equal(after[k]) for k in before)
+    moved_on = rows[-1].get("ppo/skipped_updates") == 1.0 and "reward/score" in rows[-1]
+    return finished and skipped == [3] and unchanged and moved_on, (
+        f"skipped updates {skipped}, checkpoint-3 weights == checkpoint-2 {unchanged}, finished {finished}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=20)
@@ -139,8 +181,13 @@ def main() -> None:
             corrupt += result["corrupt"]
             print(f"trial {i + 1:2d}: {result['killed_by']:24s} resumes {result['resumes']}  corrupt checkpoints "
                   f"{result['corrupt']}  {'identical' if same else 'DIFFERENT'}", flush=True)
-    print(f"\n{identical}/{args.trials} runs ended bitwise-identical to the uninterrupted run; "
-          f"{corrupt} corrupt checkpoints (an uninterrupted run takes {duration:.1f} s)")
+        print(f"\n{identical}/{args.trials} runs ended bitwise-identical to the uninterrupted run; "
+              f"{corrupt} corrupt checkpoints (an uninterrupted run takes {duration:.1f} s)")
+        passed, said = damaged_newest_checkpoint(assets, root / "damaged", args.updates)
+        same = passed and fingerprint(root / "damaged") == reference
+        print(f"damaged newest checkpoint: {said}; bitwise-identical {same}")
+        passed, said = nonfinite_step(assets, root / "nonfinite", args.updates)
+        print(f"non-finite step: {said}: {'ok' if passed else 'FAILED'}")
 
 
 if __name__ == "__main__":

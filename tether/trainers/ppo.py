@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import signal
 import threading
 from collections import defaultdict
@@ -678,7 +679,7 @@ class PPOTrainer:
     def _clip_and_step(self, optimizer, scheduler, name: str) -> float:
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         distributed.sum_gradients(params)  # data parallel: every rank's share (FSDP2 shards: summed in backward)
-        norm = clip_grad_norm(params, self.cfg.max_grad_norm)
+        norm = clip_grad_norm(params, self.cfg.max_grad_norm) if not _injected_fault(name) else float("nan")
         if not math.isfinite(norm):
             optimizer.zero_grad(set_to_none=True)
             raise NonFiniteError(f"non-finite {name} gradient norm at update {self.update}; the step was not "
@@ -880,6 +881,20 @@ def _first_non_finite(**tensors: Tensor) -> Optional[tuple[str, int, float]]:
             first = bad.flatten().nonzero()[0, 0]
             return name, int(bad.nonzero()[0, 0]), tensor.flatten()[first].item()
     return None
+
+
+NONFINITE_FAULT_ENV = "TETHER_FAULT_NONFINITE_STEP"
+_policy_steps = [0]
+
+
+def _injected_fault(name: str) -> bool:
+    """Fault injection for benchmarks/chaos.py: with TETHER_FAULT_NONFINITE_STEP=N the N-th policy
+    step of the process sees a non-finite gradient norm (as a real one would). Unset: never."""
+    target = os.environ.get(NONFINITE_FAULT_ENV)
+    if not target or name != "policy":
+        return False
+    _policy_steps[0] += 1
+    return _policy_steps[0] == int(target)
 
 
 def _check_finite(losses: list[tuple[str, Tensor]], update: int) -> None:
