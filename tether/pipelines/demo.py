@@ -16,6 +16,7 @@ so a changed setting or a recomputed earlier stage recomputes it too.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import random
@@ -352,8 +353,8 @@ DEMO_ENTRIES = ("data", "base", "sft", "preferences.jsonl", "preferences_stats.j
 def claim_demo_dir(run: Path, fresh: bool) -> None:
     """The demo writes (and clears its stages) only in a directory that is new, empty, or already its
     own: never in one that holds files it did not write, such as the output_dir of `tether ppo`."""
-    if run.exists() and not run.is_dir():
-        raise ValueError(f"--output-dir {run} is a file; choose a new directory (the default is runs/demo)")
+    if run.exists() and not run.is_dir():  # named by the CLI as every output path that is a file
+        raise FileExistsError(errno.EEXIST, "File exists", str(run))
     if run.is_dir() and not _is_demo_dir(run):
         found = sorted(entry.name for entry in run.iterdir())
         raise ValueError(f"--output-dir {run} holds files the demo did not write ({', '.join(found[:4])}"
