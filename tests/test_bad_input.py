@@ -139,6 +139,9 @@ PPO_CASES = [
     ("unknown sink", {"log_with": "[mlflow]"}, 2, r"log_with: unknown sink"),
     ("missing prompts", {"prompts": None}, 2, r"prompts"),
     ("policy path missing", {"policy": "./no/such/model"}, 2, r"policy=./no/such/model: no such directory"),
+    ("hub id offline", {"policy": "no-such-org/no-such-model"}, 2,
+     r"policy=no-such-org/no-such-model is not a local directory, and as a hub id it is not in the local cache "
+     r"while HF_HUB_OFFLINE=1"),
     ("policy is a file", {"policy": "file_not_dir"}, 2, r"policy=.*a_file is a file"),
     ("policy dir without model", {"policy": "no_model"}, 2, r"policy=.*empty_dir holds no model"),
     ("resume and overwrite", {"resume": "true", "overwrite": "true"}, 2, r"contradict each other"),

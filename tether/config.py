@@ -387,6 +387,34 @@ def _check_model_paths(cfg: Any, *keys: str) -> None:
                               "the directory save_pretrained wrote (a run's final/)")
 
 
+def check_hub_ids_offline(cfg: Any, *keys: str) -> None:
+    """With HF_HUB_OFFLINE set, a hub id loads only from the local cache: one missing from it fails
+    before anything loads or is written, naming the key, instead of deep inside transformers.
+    (Called by the stages as they start, not by `validate`: a config can be checked on any machine.)"""
+    import os
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes", "on"):
+        return
+    for key in keys:
+        value = getattr(cfg, key)
+        if isinstance(value, str) and value and not Path(value).expanduser().exists():
+            _check_hub_id_offline(key, value)
+
+
+def _check_hub_id_offline(key: str, repo_id: str) -> None:
+    from huggingface_hub import try_to_load_from_cache
+
+    names = ("config.json", "adapter_config.json", "tokenizer_config.json", "tokenizer.json")
+    try:
+        cached = [try_to_load_from_cache(repo_id, name) for name in names]
+    except Exception:  # noqa: BLE001 - not a valid repo id: let the loader say what it makes of it
+        return
+    if not any(isinstance(path, str) for path in cached):
+        raise ConfigError(f"{key}={repo_id} is not a local directory, and as a hub id it is not in the local "
+                          "cache while HF_HUB_OFFLINE=1; point it at a model directory (save_pretrained), or "
+                          "unset HF_HUB_OFFLINE to download it")
+
+
 def _positive_if_set(cfg: Any, *keys: str) -> None:
     """Optional settings that mean nothing at or below 0 (max_grad_norm=-1 would flip every gradient)."""
     for key in keys:
