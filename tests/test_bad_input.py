@@ -644,8 +644,9 @@ def test_an_interrupted_demo_says_to_rerun_it_not_to_resume(monkeypatch, tmp_pat
     from tether.trainers.ppo import TrainingStopped
 
     def stopped(output_dir, fresh=False):
-        raise TrainingStopped(f"stopped by SIGINT after update 3; checkpoint {output_dir}/ppo/checkpoint-3; continue "
-                              "with the same command plus resume=true", None, 130)
+        reason = "stopped by SIGINT after update 3"  # as PPOTrainer._stop raises it
+        raise TrainingStopped(f"{reason}; checkpoint {output_dir}/ppo/checkpoint-3; continue with the same command "
+                              "plus resume=true", None, 130, reason=reason)
 
     monkeypatch.setattr(demo, "run_demo", stopped)
     capsys.readouterr()

@@ -89,8 +89,7 @@ def _demo(args: argparse.Namespace) -> int:
         run_demo(args.output_dir or "runs/demo", fresh=args.fresh)
         return 0
     except TrainingStopped as err:  # `tether demo` takes no resume=true: say how the demo goes on
-        reason = str(err).split("; checkpoint")[0].split("; no run directory")[0]
-        raise TrainingStopped(f"{reason}; rerun the same `tether demo` command: its finished stages are reused and "
+        raise TrainingStopped(f"{err.reason}; rerun the same `tether demo` command: its finished stages are reused and "
                               "PPO starts again", err.checkpoint, err.exit_code) from err
 
 

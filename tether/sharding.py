@@ -99,7 +99,7 @@ def whole_state(module: nn.Module, keep=lambda name: True) -> Optional[dict[str,
     for name, value in module.state_dict().items():
         if not keep(name):
             continue
-        local = value.to_local() if is_dtensor(value) else value
+        local = local_shard(value)
         key = (local.data_ptr(), tuple(value.shape))  # tied names share one shard's storage
         if key not in gathered:
             gathered[key] = (value.full_tensor() if is_dtensor(value) else value).detach().cpu()
@@ -129,6 +129,11 @@ def is_dtensor(x: Any) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(x, DTensor)
+
+
+def local_shard(tensor: Tensor) -> Tensor:
+    """This rank's shard of a sharded (DTensor) tensor, the tensor itself otherwise."""
+    return tensor.to_local() if is_dtensor(tensor) else tensor
 
 
 def grad_norm(grads: Sequence[Tensor]) -> Tensor:

@@ -67,7 +67,7 @@ from tether.precision import FP32, Precision
 from tether.rewards import RewardTimeout
 from tether.roles import Roles
 from tether.rollout import GenerationSettings, Rollout, collect_rollout, concat_rollouts, select_rows, synced_clock
-from tether.sharding import full_optimizer_state, local_optimizer_state
+from tether.sharding import full_optimizer_state, local_optimizer_state, local_shard
 from tether.tracking import SampleWriter, Tracker
 from tether.trainers import adamw, clip_grad_norm
 
@@ -100,9 +100,11 @@ class NonFiniteError(FloatingPointError):
 class TrainingStopped(RuntimeError):
     """The run stopped before its last update; `checkpoint` holds everything needed to resume it."""
 
-    def __init__(self, message: str, checkpoint: Optional[Path] = None, exit_code: int = 1):
+    def __init__(self, message: str, checkpoint: Optional[Path] = None, exit_code: int = 1,
+                 reason: Optional[str] = None):
         super().__init__(message)
         self.checkpoint, self.exit_code = checkpoint, exit_code
+        self.reason = reason or message  # why it stopped, without where it is and how to resume
 
 
 STOP_SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # exit codes as a shell reports them
@@ -280,7 +282,7 @@ class PPOTrainer:
                  else "; no run directory, nothing saved")
         if report and path is not None and self.writes:
             where += f"; report {self._write_report()}"
-        raise TrainingStopped(reason + where, path, exit_code)
+        raise TrainingStopped(reason + where, path, exit_code, reason=reason)
 
     def _write_report(self) -> str:
         """report.html of the run so far; a failure to draw it never hides why the run stopped."""
@@ -328,10 +330,7 @@ class PPOTrainer:
         state, tensors = read_trainer_state(path)
         if weights:
             self.roles.load(path)
-        pairs = [(self.policy_optimizer, self.policy_scheduler, "policy")]
-        if self.critic_optimizer is not None:
-            pairs.append((self.critic_optimizer, self.critic_scheduler, "critic"))
-        for optimizer, scheduler, role in pairs:
+        for (optimizer, scheduler), role in zip(self.optimizers(), ("policy", "critic")):
             optimizer.load_state_dict(local_optimizer_state(optimizer, tensors[f"{role}_optimizer"]))
             scheduler.load_state_dict(tensors[f"{role}_scheduler"])
         saved_world = state.get("world_size", 1)
@@ -425,6 +424,7 @@ class PPOTrainer:
                    "lower learning_rate (or check the models for inf/NaN weights)"))
 
     def optimizers(self) -> list[tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]]:
+        """(optimizer, scheduler) of the policy, then of the critic when there is one."""
         pairs = [(self.policy_optimizer, self.policy_scheduler)]
         if self.critic_optimizer is not None:
             pairs.append((self.critic_optimizer, self.critic_scheduler))
@@ -834,8 +834,8 @@ class UpdateUndo:
     @staticmethod
     def _save(optimizer, scheduler) -> dict:
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        return {"weights": [_local(p).to("cpu", copy=True) for p in params],
-                "state": [{k: _local(v).to("cpu", copy=True) if torch.is_tensor(v) else v
+        return {"weights": [local_shard(p).to("cpu", copy=True) for p in params],
+                "state": [{k: local_shard(v).to("cpu", copy=True) if torch.is_tensor(v) else v
                            for k, v in optimizer.state[p].items()} if p in optimizer.state else None for p in params],
                 "lrs": [group["lr"] for group in optimizer.param_groups],
                 "scheduler": scheduler.state_dict()}
@@ -845,26 +845,19 @@ class UpdateUndo:
             for (optimizer, scheduler), saved in zip(self.optimizers, self.saved):
                 params = [p for group in optimizer.param_groups for p in group["params"]]
                 for p, weight, state in zip(params, saved["weights"], saved["state"]):
-                    _local(p).copy_(weight)
+                    local_shard(p).copy_(weight)
                     if state is None:
                         optimizer.state.pop(p, None)  # no step had been taken on it before this update
                     else:
                         for key, value in state.items():
                             current = optimizer.state[p][key]
                             if torch.is_tensor(current):
-                                _local(current).copy_(value)
+                                local_shard(current).copy_(value)
                             else:
                                 optimizer.state[p][key] = value
                 for group, lr in zip(optimizer.param_groups, saved["lrs"]):
                     group["lr"] = lr
                 scheduler.load_state_dict(saved["scheduler"])
-
-
-def _local(tensor: Tensor) -> Tensor:
-    """This rank's shard of a sharded (DTensor) tensor, the tensor itself otherwise."""
-    from tether.sharding import is_dtensor
-
-    return tensor.to_local() if is_dtensor(tensor) else tensor
 
 
 def reference_perplexity(ref_logprobs: Tensor, mask: Tensor) -> float:
