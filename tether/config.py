@@ -30,6 +30,13 @@ def opt(default: Any, help: str, **kwargs: Any) -> Any:
     return field(default=default, metadata={"help": help}, **kwargs)
 
 
+# Precision and attention fields, the same in every stage (tether/precision.py, docs/scaling.md).
+PrecisionName = Literal["auto", "fp32", "bf16-mixed", "fp16-mixed", "bf16-true"]
+PRECISION_HELP = "Numeric precision: 'fp32'; 'bf16-mixed' (trainable weights and optimizer state fp32, forward/backward under bf16 autocast, frozen roles stored in bf16); 'bf16-true' (everything bf16: small learning rates barely move the weights); 'auto' = bf16-mixed on CUDA GPUs with bf16, fp32 elsewhere. fp16-mixed is refused (no loss scaler). See docs/scaling.md."
+DTYPE_HELP = "Replaced by precision (float32 = fp32, bfloat16 = bf16-true); still read, not with precision."
+ATTENTION_HELP = "Attention kernel passed to transformers: 'sdpa', 'eager', 'flash_attention_2' (needs flash-attn), ...; null = transformers' default (sdpa where supported)."
+
+
 @dataclass
 class PPOConfig:
     # --- models -------------------------------------------------------------
@@ -42,9 +49,9 @@ class PPOConfig:
     reward_tokenizer: Optional[str] = opt(None, "Tokenizer of the reward model when it differs from the policy's; default: the reward model's own.")
     gold_reward_fn: Optional[str] = opt(None, "A second scorer 'module:function', never optimised, evaluated on the same samples (gold/score): shows reward-model over-optimisation.")
     tokenizer: Optional[str] = opt(None, "Policy tokenizer path; default: the policy path.")
-    precision: Literal["auto", "fp32", "bf16-mixed", "fp16-mixed", "bf16-true"] = opt("auto", "Numeric precision: 'fp32'; 'bf16-mixed' (trainable weights and optimizer state fp32, forward/backward under bf16 autocast, frozen roles stored in bf16); 'bf16-true' (everything bf16: small learning rates barely move the weights); 'auto' = bf16-mixed on CUDA GPUs with bf16, fp32 elsewhere. fp16-mixed is refused (no loss scaler). See docs/scaling.md.")
-    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = opt(None, "Replaced by precision (float32 = fp32, bfloat16 = bf16-true); still read, not with precision.")
-    attn_implementation: Optional[str] = opt(None, "Attention kernel passed to transformers: 'sdpa', 'eager', 'flash_attention_2' (needs flash-attn), ...; null = transformers' default (sdpa where supported).")
+    precision: PrecisionName = opt("auto", PRECISION_HELP)
+    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = opt(None, DTYPE_HELP)
+    attn_implementation: Optional[str] = opt(None, ATTENTION_HELP)
     fp32_lm_head: bool = opt(False, "Under bf16-mixed, compute the policy's output projection (the logits) in fp32.")
     tf32: bool = opt(True, "On CUDA, let fp32 matmuls use TF32 tensor cores (10-bit mantissa inputs, fp32 accumulation; torch.backends.cuda.matmul.allow_tf32): precision=fp32 runs, and the fp32 LM head under bf16-mixed.")
     device: str = opt("auto", "Device: 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
@@ -234,6 +241,7 @@ class PPOConfig:
             raise ConfigError(f"gamma and lam must be in [0, 1], got gamma={self.gamma}, lam={self.lam}")
         _check_lora(self)
         _check_precision(self)
+        _check_attention(self)
         _check_device(self)
         if self.placement == "shared_base":
             if self.lora_rank < 1:
@@ -330,6 +338,9 @@ def _check_precision(cfg: Any) -> None:
         precision_name(cfg.precision, cfg.dtype)
     except PrecisionError as err:
         raise ConfigError(str(err)) from err
+
+
+def _check_attention(cfg: Any) -> None:
     if cfg.attn_implementation is not None and not str(cfg.attn_implementation).strip():
         raise ConfigError("attn_implementation is empty; use null for transformers' default, or sdpa, eager, "
                           "flash_attention_2")
@@ -590,9 +601,9 @@ class SFTConfig:
     heads: int = opt(4, "Attention heads for init=scratch.")
     dropout: float = opt(0.0, "Dropout of a model built with init=scratch: 0 suits short pretraining runs, where a small "
                               "model underfits. Pretrained models keep their own.")
-    precision: Literal["auto", "fp32", "bf16-mixed", "fp16-mixed", "bf16-true"] = opt("auto", "Numeric precision: 'fp32'; 'bf16-mixed' (trainable weights and optimizer state fp32, forward/backward under bf16 autocast, frozen roles stored in bf16); 'bf16-true' (everything bf16: small learning rates barely move the weights); 'auto' = bf16-mixed on CUDA GPUs with bf16, fp32 elsewhere. fp16-mixed is refused (no loss scaler). See docs/scaling.md.")
-    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = opt(None, "Replaced by precision (float32 = fp32, bfloat16 = bf16-true); still read, not with precision.")
-    attn_implementation: Optional[str] = opt(None, "Attention kernel passed to transformers: 'sdpa', 'eager', 'flash_attention_2' (needs flash-attn), ...; null = transformers' default (sdpa where supported).")
+    precision: PrecisionName = opt("auto", PRECISION_HELP)
+    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = opt(None, DTYPE_HELP)
+    attn_implementation: Optional[str] = opt(None, ATTENTION_HELP)
     device: str = opt("auto", "Device: 'auto', 'cpu', 'cuda', ...")
     gradient_checkpointing: bool = opt(False, "Trade compute for memory.")
 
@@ -655,6 +666,7 @@ class SFTConfig:
         _positive_if_set(self, "max_grad_norm", "max_seconds")
         _check_lora(self)
         _check_precision(self)
+        _check_attention(self)
         _check_device(self)
         if self.lora_rank and self.init == "scratch":
             raise ConfigError("lora_rank needs a pretrained model to adapt; with init=scratch train every weight "
@@ -666,9 +678,9 @@ class RewardConfig:
     # --- model ----------------------------------------------------------------
     model: str = opt(None, "Backbone to start from, e.g. an SFT checkpoint (required); a scalar head is added.")
     tokenizer: Optional[str] = opt(None, "Tokenizer path; default: the model's.")
-    precision: Literal["auto", "fp32", "bf16-mixed", "fp16-mixed", "bf16-true"] = opt("auto", "Numeric precision: 'fp32'; 'bf16-mixed' (trainable weights and optimizer state fp32, forward/backward under bf16 autocast, frozen roles stored in bf16); 'bf16-true' (everything bf16: small learning rates barely move the weights); 'auto' = bf16-mixed on CUDA GPUs with bf16, fp32 elsewhere. fp16-mixed is refused (no loss scaler). See docs/scaling.md.")
-    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = opt(None, "Replaced by precision (float32 = fp32, bfloat16 = bf16-true); still read, not with precision.")
-    attn_implementation: Optional[str] = opt(None, "Attention kernel passed to transformers: 'sdpa', 'eager', 'flash_attention_2' (needs flash-attn), ...; null = transformers' default (sdpa where supported).")
+    precision: PrecisionName = opt("auto", PRECISION_HELP)
+    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = opt(None, DTYPE_HELP)
+    attn_implementation: Optional[str] = opt(None, ATTENTION_HELP)
     device: str = opt("auto", "Device: 'auto', 'cpu', 'cuda', ...")
 
     # --- LoRA -------------------------------------------------------------------
@@ -737,4 +749,5 @@ class RewardConfig:
         _positive_if_set(self, "max_grad_norm")
         _check_lora(self)
         _check_precision(self)
+        _check_attention(self)
         _check_device(self)

@@ -30,10 +30,6 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def torch_dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
 # --- tokenizer ----------------------------------------------------------------
 
 

@@ -45,6 +45,11 @@ class Precision:
     def mixed(self) -> bool:
         return self.autocast is not None
 
+    def model_dtype(self, lora: bool) -> torch.dtype:
+        """A model's stored dtype: under LoRA its base never learns (the frozen dtype; peft keeps the
+        adapters in fp32, autocast_adapter_dtype), a fully trained model does (the trainable dtype)."""
+        return self.frozen if lora else self.trainable
+
     def forward_context(self, device: torch.device):
         """Where models run their forwards (backward follows the dtypes autocast chose)."""
         if self.autocast is None:

@@ -87,8 +87,8 @@ def latest_checkpoint(path: Path) -> Optional[Path]:
 
 def damaged_checkpoint_error(run: Path, checkpoint: Path, what: str) -> RunDirError:
     """A checkpoint that cannot be resumed from: name it, what is wrong, and the way on."""
-    earlier = [p for _, p in checkpoints(run) if p != checkpoint and checkpoint_step(p) <= checkpoint_step(checkpoint)] \
-        if (checkpoint / STATE_FILE).is_file() else [p for _, p in checkpoints(run)]
+    step = checkpoint_step(checkpoint) if (checkpoint / STATE_FILE).is_file() else None
+    earlier = [p for n, p in checkpoints(run) if p != checkpoint and (step is None or n <= step)]
     way_on = (f"resume again to continue from {earlier[-1].name}" if earlier
               else "no earlier checkpoint is left: start over with overwrite=true")
     return RunDirError(f"cannot resume from {checkpoint}: {what}. Nothing was changed; move it aside (mv {checkpoint} "
@@ -130,23 +130,27 @@ def prune_checkpoints(path: Path, keep: int) -> None:
 # --- the config of a resumed run -------------------------------------------------------------
 
 
-def changed_keys(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """`key: old -> new` for every setting that differs, except those safe to change on resume."""
+def changed_keys(saved: dict[str, Any], current: dict[str, Any], defaults: Optional[dict[str, Any]] = None) -> list[str]:
+    """`key: old -> new` for every setting that differs, except those safe to change on resume. A key
+    the saved config lacks (a setting added since the run was written) is no change while it is at
+    its default: the default is how the run was trained."""
     keys = sorted((set(saved) | set(current)) - SAFE_TO_CHANGE)
-    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+    added_at_default = {k for k in keys if k not in saved and defaults is not None and k in defaults
+                        and current.get(k) == defaults[k]}
+    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys
+            if saved.get(k) != current.get(k) and k not in added_at_default]
 
 
 def with_precision(saved: dict[str, Any]) -> dict[str, Any]:
     """A config written before `precision` replaced `dtype`, as it would be written now."""
+    from tether.precision import LEGACY_DTYPES
+
     if "precision" in saved or "dtype" not in saved:
         return saved
-    legacy = {"float32": "fp32", "bfloat16": "bf16-true"}
-    return {**saved, "precision": legacy.get(saved["dtype"], saved["dtype"]), "dtype": None,
-            "attn_implementation": None,
-            **({"fp32_lm_head": False, "tf32": True, "vllm_sleep": True} if "kl_coef" in saved else {})}
+    return {**saved, "precision": LEGACY_DTYPES.get(saved["dtype"], saved["dtype"]), "dtype": None}
 
 
-def check_resumable_config(path: Path, current: dict[str, Any]) -> None:
+def check_resumable_config(path: Path, current: dict[str, Any], defaults: Optional[dict[str, Any]] = None) -> None:
     import yaml
 
     saved_file = Path(path) / CONFIG_FILE
@@ -154,7 +158,7 @@ def check_resumable_config(path: Path, current: dict[str, Any]) -> None:
         raise RunDirError(f"cannot resume {path}: it has no {CONFIG_FILE}, so nothing says how it was run; "
                           "start a new run (resume=false) in an empty output_dir")
     saved = with_precision(yaml.safe_load(saved_file.read_text()) or {})
-    changes = changed_keys(saved, current)
+    changes = changed_keys(saved, current, defaults)
     if changes:
         raise RunDirError(
             f"cannot resume {path} with a different config; changed: {'; '.join(changes)}. Resume with the run's "
@@ -231,8 +235,9 @@ def _alive(pid: int) -> bool:
 
 
 def open_run(path: str | Path, current_config: dict[str, Any], resume: bool = False,
-             overwrite: bool = False) -> RunStart:
-    """Check the directory against what is asked, take the lock; writes nothing else."""
+             overwrite: bool = False, defaults: Optional[dict[str, Any]] = None) -> RunStart:
+    """Check the directory against what is asked, take the lock; writes nothing else. `defaults`:
+    the stage's default config, for settings added since a resumed run was written."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise RunDirError(f"output_dir {path} is a file; choose a directory")
@@ -247,7 +252,7 @@ def open_run(path: str | Path, current_config: dict[str, Any], resume: bool = Fa
             raise RunDirError(f"nothing to resume in {path}: no complete checkpoint there "
                               f"({', '.join(contents) or 'empty'}); start it without resume=true "
                               "(set save_every to write checkpoints)")
-        check_resumable_config(path, current_config)
+        check_resumable_config(path, current_config, defaults)
     elif contents and not overwrite:
         raise RunDirError(f"output_dir {path} already holds a run ({', '.join(contents[:6])}"
                           f"{', ...' if len(contents) > 6 else ''}); pass resume=true to continue it, "

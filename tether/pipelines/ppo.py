@@ -94,7 +94,8 @@ def open_run_on_main(cfg) -> RunStart:
     """Rank 0 checks and locks the run directory; the other ranks learn what it found, or its error."""
     if distributed.is_main():
         try:
-            start = open_run(cfg.output_dir, config_to_dict(cfg), getattr(cfg, "resume", False), cfg.overwrite)
+            start = open_run(cfg.output_dir, config_to_dict(cfg), getattr(cfg, "resume", False), cfg.overwrite,
+                             defaults=config_to_dict(type(cfg)()))
         except Exception as err:
             distributed.broadcast_object(err)
             raise
@@ -235,12 +236,13 @@ def check_finite_weights(roles, start: RunStart) -> None:
 def settle_precision(cfg) -> Precision:
     """The stage's precision for its device (`auto` resolved), written back into the config so that
     config.yaml records what ran; TF32 for fp32 matmuls on CUDA as configured (any stage's config)."""
+    device = pick_device(cfg.device)
     try:
-        precision = resolve_precision(cfg.precision, cfg.dtype, pick_device(cfg.device))
+        precision = resolve_precision(cfg.precision, cfg.dtype, device)
     except PrecisionError as err:
         raise ConfigError(str(err)) from err
     cfg.precision, cfg.dtype = precision.name, None
-    if pick_device(cfg.device).type == "cuda":
+    if device.type == "cuda":
         allow = getattr(cfg, "tf32", True)
         torch.backends.cuda.matmul.allow_tf32 = allow  # fp32 matmuls on tensor cores (10-bit mantissa inputs)
         torch.backends.cudnn.allow_tf32 = allow
@@ -320,8 +322,7 @@ def build_shared_base_roles(cfg: PPOConfig, tokenizer, precision: Precision, dev
     )
 
     require_full_model(cfg.policy, "policy")
-    # The base never learns: stored in the frozen dtype; peft keeps the adapters in fp32 (autocast_adapter_dtype).
-    dtype = precision.frozen
+    dtype = precision.model_dtype(lora=True)
     base = prepare(load_causal_lm(cfg.policy, dtype), tokenizer, device, cfg)
     if cfg.fp32_lm_head and precision.mixed:
         keep_lm_head_fp32(base)

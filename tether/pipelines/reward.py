@@ -93,8 +93,8 @@ def _run_reward(cfg: RewardConfig, start) -> dict[str, float]:
     norm_prompts = load_normalization_prompts(cfg, tokenizer) if cfg.normalize_policy else None
 
     # 3. Model: backbone + scalar head, sized for the tokenizer, dropout off.
-    lora = lora_settings(cfg)  # a LoRA base never learns: the frozen dtype (peft keeps the adapter fp32)
-    model = load_reward_backbone(cfg.model, tokenizer, precision.frozen if lora else precision.trainable, lora,
+    lora = lora_settings(cfg)
+    model = load_reward_backbone(cfg.model, tokenizer, precision.model_dtype(lora=lora is not None), lora,
                                  cfg.attn_implementation, precision.trainable).to(device)
     if cfg.normalize_policy and score_head(model) is not None and score_head(model).bias is None:
         final_norm(model)  # fail now, not after training, when the shift has nowhere to go

@@ -156,8 +156,7 @@ def sft_model(cfg: SFTConfig, tokenizer):
     settings = lora_settings(cfg)
     if settings is not None:
         require_full_model(cfg.model, "model")
-    # A LoRA base never learns: stored in the frozen dtype; peft keeps the adapter fp32 (autocast_adapter_dtype).
-    model = use_attention(load_causal_lm(cfg.model, precision.frozen if settings else precision.trainable),
+    model = use_attention(load_causal_lm(cfg.model, precision.model_dtype(lora=settings is not None)),
                           cfg.attn_implementation)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
