@@ -155,3 +155,44 @@ def test_overlong_penalty_and_uniform_groups():
     with pytest.raises(ValueError, match="overlong buffer"):
         overlong_penalty(t(1), 10, 0)
     assert torch.equal(uniform_groups(t(1, 1, 0, 1, 2, 2), 2), torch.tensor([True, False, True]))
+
+
+@pytest.mark.parametrize("estimator", [grpo_advantages, dr_grpo_advantages, rloo_advantages])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_group_of_equal_scores_gets_exactly_zero_advantage(estimator, dtype):
+    """A float mean of n equal values can miss them by an ulp; GRPO would divide that by eps."""
+    rng = random.Random(1)
+    for n in range(2, 65):
+        value = rng.uniform(-50, 50)
+        assert torch.equal(estimator(torch.full((n,), value, dtype=dtype), n), torch.zeros(n, dtype=dtype)), (n, value)
+    assert torch.equal(grpo_advantages(torch.full((8,), 2.7), 8), torch.zeros(8))
+
+
+def test_reinforce_pp_baseline_scores_of_an_equal_group_are_exactly_zero():
+    """REINFORCE++-baseline subtracts the group mean score (dr_grpo_advantages) before shaping: an
+    all-equal batch then has zero returns and zero whitened advantages."""
+    scores = dr_grpo_advantages(torch.full((16,), 0.7) + torch.arange(4).repeat_interleave(4) * 0.1, 4)
+    assert torch.equal(scores, torch.zeros(16))
+    rewards = torch.zeros(16, 5)
+    rewards[:, -1] = scores
+    assert torch.equal(reinforce_pp_advantages(rewards, torch.ones(16, 5, dtype=torch.bool)), torch.zeros(16, 5))
+
+
+@pytest.mark.parametrize("kind,estimator", [("grpo", grpo_advantages), ("dr_grpo", dr_grpo_advantages),
+                                            ("rloo", rloo_advantages)])
+def test_group_statistics_equal_a_float64_loop_to_1e12(kind, estimator):
+    rng = random.Random(2)
+    for _ in range(100):
+        n = rng.choice([2, 3, 5, 8, 16])
+        returns = [rng.gauss(0, 3) for _ in range(n * rng.randint(1, 4))]
+        got = estimator(torch.tensor(returns, dtype=torch.float64), n)
+        assert got.dtype == torch.float64
+        want = torch.tensor(naive(returns, n, kind), dtype=torch.float64)
+        assert torch.allclose(got, want, atol=1e-12, rtol=1e-12), (got - want).abs().max()
+
+
+def test_uniform_groups_agree_with_the_exact_zero_advantages():
+    scores = torch.tensor([2.7] * 8 + [1.0, 1.0 + 1e-12] * 4, dtype=torch.float64)
+    assert uniform_groups(scores, 8).tolist() == [True, False]
+    assert torch.equal(grpo_advantages(scores, 8)[:8], torch.zeros(8, dtype=torch.float64))
+    assert (grpo_advantages(scores, 8)[8:] != 0).all()

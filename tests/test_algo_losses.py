@@ -292,3 +292,26 @@ def test_pairwise_loss_hand_computed():
     # large score gaps stay finite (logsigmoid, not log(sigmoid))
     loss, _ = pairwise_loss(torch.tensor([-200.0]), torch.tensor([200.0]))
     assert loss.item() == pytest.approx(400.0)
+
+
+def test_value_clipfrac_counts_only_values_outside_the_band():
+    """Values inside (and exactly on) the band are not clipped, even where V_old + (V - V_old) != V
+    in floating point; a naive count of |V - V_old| > eps and a larger clipped error agrees."""
+    torch.manual_seed(0)
+    old, values, returns = torch.randn(1, 100_000) * 0.1, torch.randn(1, 100_000) * 0.3, torch.randn(1, 100_000)
+    inside = (values - old).abs() <= 0.2  # in float32, V_old + (V - V_old) misses V by an ulp on ~1% of these
+    _, stats = clipped_value_loss(values, old, returns, torch.ones_like(old, dtype=torch.bool), clip_eps=0.2)
+    clipped_error = (old + (values - old).clamp(-0.2, 0.2) - returns) ** 2
+    outside_and_larger = (~inside & (clipped_error > (values - returns) ** 2)).double().mean().item()
+    assert stats["clipfrac"].item() == pytest.approx(outside_and_larger, abs=1e-9)
+    # by hand: on the boundary (V - V_old = +eps exactly, in binary), just past it, and far past it
+    old = torch.tensor([[0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    values = torch.tensor([[0.25, 0.25 + 1e-9, 1.0, -1.0]], dtype=torch.float64)
+    returns = torch.tensor([[2.0, 2.0, 2.0, 2.0]], dtype=torch.float64)
+    _, stats = clipped_value_loss(values, old, returns, torch.ones_like(old, dtype=torch.bool), clip_eps=0.25)
+    # t0 on the boundary: not clipped; t1: clipped error (2-0.25)^2 > (2-0.25-1e-9)^2 -> clipped;
+    # t2: V=1 outside, clipped error (1.75)^2 > 1 -> clipped; t3: V=-1 outside, clipped (2.25... vs 3)^2 smaller -> not
+    assert stats["clipfrac"].item() == pytest.approx(2 / 4, abs=1e-15)
+    naive = [1.0 if abs(v - o) > 0.25 and (min(max(v, o - 0.25), o + 0.25) - r) ** 2 > (v - r) ** 2 else 0.0
+             for v, o, r in zip(values[0].tolist(), old[0].tolist(), returns[0].tolist())]
+    assert sum(naive) / 4 == stats["clipfrac"].item()

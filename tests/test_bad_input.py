@@ -84,6 +84,9 @@ def files(tmp: Path) -> dict[str, Path]:
     made["short"].write_text("def score(responses):\n    return [0.0]\n")
     made["nan"] = tmp / "nan.py"
     made["nan"].write_text("def score(responses):\n    return [float('nan')] * len(responses)\n")
+    made["batch_only"] = tmp / "batch_only.py"
+    made["batch_only"].write_text("def score(responses):\n    assert len(responses) == 1, 'batch too big'\n"
+                                  "    return [0.0]\n")
     made["exits"] = tmp / "exits.py"
     made["exits"].write_text("import sys\ndef score(responses):\n    sys.exit(0)\n")
     made["as_dict"] = tmp / "as_dict.py"
@@ -169,6 +172,9 @@ PPO_CASES = [
 RUNTIME_CASES = [
     ("reward raises on a sample", {"reward_fn": "raises:score", "output_dir": "NEW"}, 1,
      r"raised KeyError: 'missing label' on response 0 '"),
+    ("reward fails on a whole batch only", {"reward_fn": "batch_only:score", "output_dir": "NEW"}, 1,
+     r"raised AssertionError: batch too big at batch_only.py:2 in score on the batch of 4 responses \(first: .*"
+     r"each response alone scores fine"),
     ("reward returns too few", {"reward_fn": "short:score", "output_dir": "NEW"}, 1, r"returned 1 scores for 4 responses"),
     ("reward calls sys.exit", {"reward_fn": "exits:score", "output_dir": "NEW"}, 1,
      r"called sys.exit\(0\) while scoring 4 responses; a reward function must return scores"),
@@ -444,6 +450,41 @@ def test_export_never_writes_into_a_directory_it_did_not_create(tiny_dirs, earli
     assert main(["export", str(adapter), str(merged)]) == 2 and (merged / "notes.txt").is_file()
     assert main(["export", str(adapter), str(merged), "--overwrite"]) == 0
     assert (merged / "model.safetensors").is_file() and not (merged / "notes.txt").exists()
+
+
+def test_a_hub_id_that_cannot_be_reached_names_the_key_at_once(tiny_dirs, earlier, tmp_path, capsys, monkeypatch):
+    """Without HF_HUB_OFFLINE: an id neither cached nor reachable fails in seconds, not after the hub's retries."""
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
+    started = time.monotonic()
+    code, err = run_case({"policy": "no-such-org/no-such-model", "output_dir": "NEW"}, tiny_dirs, earlier, tmp_path,
+                         capsys)
+    assert code == 2 and "Traceback" not in err, err
+    assert __import__("re").search(r"policy=no-such-org/no-such-model is not a local directory nor in the local hub "
+                                   r"cache, and the hub \(http://127.0.0.1:9\) cannot be reached", err), err
+    assert time.monotonic() - started < 30 and not (tmp_path / "new_run").exists()
+
+
+def test_a_stage_never_replaces_run_files_it_did_not_write(tiny_dirs, earlier, tmp_path, capsys):
+    """A user's own config.yaml inside output_dir (a common layout) is not a run to overwrite."""
+    mine = tmp_path / "experiment"
+    mine.mkdir()
+    (mine / "config.yaml").write_text(f"policy: {tiny_dirs['llama']}\n# my notes\n")
+    (mine / "summary.json").write_text("{}")
+    before = snapshot(mine)
+    for extra in ([], ["overwrite=true"]):
+        capsys.readouterr()
+        code = main(["ppo", "--config", str(mine / "config.yaml"), *ppo_args(tiny_dirs, mine), *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err, err
+        assert __import__("re").search(r"holds config.yaml, summary.json, which tether did not write .*choose another "
+                                       r"output_dir", err), err
+        assert snapshot(mine) == before
+    assert (earlier / ".tether-run").is_file(), "a run tether wrote carries the marker"
 
 
 @pytest.mark.parametrize("fresh", [[], ["--fresh"]])

@@ -165,6 +165,13 @@ def test_a_first_minibatch_that_differs_from_the_rollout_is_a_setup_bug():
     assert {a.key for a in found[0].advice} == {"dropout", "temperature", "policy"}
 
 
+def test_sampling_far_from_the_scored_distribution_is_named_with_the_settings_to_change():
+    found = findings(rows_of((2, {"generation/truncation_gap": 0.01}), (1, {"generation/truncation_gap": 0.4})))
+    assert [(f.rule, f.severity, f.update) for f in found] == [("truncated_sampling", "warning", 3)]
+    assert [a.key for a in found[0].advice] == ["top_k", "top_p", "min_new_tokens"]
+    assert "generation/truncation_gap 0.4 (update 3)" in found[0].message, found[0].message
+
+
 def test_bf16_rounding_in_the_first_minibatch_is_judged_against_the_bf16_tolerance():
     rounding = rows_of((1, {"policy/first_minibatch_approx_kl": 5e-4}))
     assert [f.rule for f in findings(rounding, {"precision": "fp32"})] == ["logprob_mismatch"]

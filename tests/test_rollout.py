@@ -257,3 +257,44 @@ def test_a_reward_fn_file_may_define_dataclasses_and_never_shadows_an_installed_
         reward = load_reward_fn(f"{tmp_path / name}.py:score")
         assert reward.score(["p", "q"], ["ab", "abcd"], None, None).tolist() == [1.0, 2.0]
     assert sys.modules["json"] is installed_json
+
+
+def test_the_truncation_gap_is_minus_the_log_of_the_policy_mass_the_sampler_keeps():
+    from tether.rollout import sample_next_token
+
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]])  # pad id 4: never sampled, nor part of π
+    gaps = []
+    spec = GenerationSettings(max_new_tokens=1, eos_ids=[3], pad_id=4, top_k=2)
+    sample_next_token(logits.clone(), spec, gaps=gaps)
+    policy = logits[0, :4].softmax(-1)
+    assert gaps[0].item() == pytest.approx(-torch.log(policy[:2].sum()).item(), abs=1e-6)
+    gaps = []  # EOS (id 3) held back before min_new_tokens: q keeps everything else
+    sample_next_token(logits.clone(), GenerationSettings(max_new_tokens=1, eos_ids=[3], pad_id=4), allow_eos=False,
+                      gaps=gaps)
+    assert gaps[0].item() == pytest.approx(-torch.log(1 - policy[3]).item(), abs=1e-6)
+    gaps = []  # nothing truncated: exactly 0
+    sample_next_token(logits.clone(), GenerationSettings(max_new_tokens=1, eos_ids=[3], pad_id=4), gaps=gaps)
+    assert gaps[0].item() == 0.0
+
+
+def test_ppo_with_top_k_scores_the_full_distribution_and_logs_the_gap(tiny_dirs, tmp_path, caplog):
+    """The old log-probs come from tether's own forward under the policy's full distribution: the
+    first minibatch sees ratio 1 and approx-KL 0 with top_k / top_p on; the gap is logged."""
+    import json
+
+    from conftest import base_overrides
+    from tether.config import PPOConfig, config_from_dict
+    from tether.pipelines.ppo import build_ppo_trainer
+
+    runs = {}
+    for name, extra in (("truncated", dict(top_k=5, top_p=0.9)), ("full", {})):
+        cfg = config_from_dict(PPOConfig, base_overrides(tiny_dirs, tmp_path / name, total_updates=1, **extra))
+        build_ppo_trainer(cfg).train()
+        runs[name] = json.loads((tmp_path / name / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    truncated, full = runs["truncated"], runs["full"]
+    assert truncated["policy/first_minibatch_approx_kl"] == 0.0 and truncated["policy/first_minibatch_ratio_mean"] == 1.0
+    assert truncated["generation/truncation_gap"] > 0.1  # a tiny random model is far from peaked
+    assert "generation/truncation_gap" not in full
+    warned = [r.getMessage() for r in caplog.records if "truncated distribution" in r.getMessage()]
+    assert warned[0].startswith("top_k=5 top_p=0.9: responses are sampled from a truncated distribution"), warned
+    assert any("truncated_sampling (warning)" in m for m in warned[1:]), warned  # the doctor, at the update

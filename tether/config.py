@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -86,8 +87,8 @@ class PPOConfig:
                                  "sampled until then; log-probs stay the policy's, as with top_k/top_p). = max_new_tokens: "
                                  "every response has exactly that length (throughput comparisons with trainers that never stop).")
     temperature: float = opt(1.0, "Sampling temperature; log-probs for PPO use logits / temperature too.")
-    top_k: int = opt(0, "Sample from the k most likely tokens (0 = off).")
-    top_p: float = opt(1.0, "Nucleus sampling mass (1.0 = off).")
+    top_k: int = opt(0, "Sample from the k most likely tokens (0 = off). PPO still scores the full distribution (as verl and OpenRLHF): the gap is logged as generation/truncation_gap; keep it off for training.")
+    top_p: float = opt(1.0, "Nucleus sampling mass (1.0 = off). As top_k: scored under the full distribution, gap logged.")
     stop_strings: list[str] = opt([], "Extra strings that end a response (EOS always does).")
     generation_backend: Literal["builtin", "vllm"] = opt("builtin", "Who samples: 'builtin' (tether's batched sampler, any device) or 'vllm' (a vLLM engine colocated on each rank's GPU, `pip install 'tether[vllm]'`; weights or the policy adapter pushed after every update; log-probs for PPO are still the trainer's, the gap is logged as generation/logprob_gap).")
     vllm_gpu_memory_utilization: float = opt(0.3, "Share of each GPU's memory the vLLM engine may take (generation_backend=vllm); the rest is training's.")
@@ -126,7 +127,7 @@ class PPOConfig:
     kl_estimator: Literal["k1", "k2", "k3"] = opt("k1", "Per-token KL estimator (Schulman): k1 is the unbiased choice in the reward.")
     kl_placement: Literal["reward", "loss"] = opt("reward", "'reward': -beta*KL per token in the reward (PPO-RLHF); 'loss': beta*KL added to the policy loss.")
     adaptive_kl: bool = opt(False, "Adapt beta toward kl_target (Ziegler et al. 2019).")
-    kl_target: float = opt(6.0, "Target KL (nats per response) for the adaptive controller.")
+    kl_target: float = opt(6.0, "Target KL for the adaptive controller, in nats per response (the summed KL of a response, `kl/mean`; Ziegler et al. 2019). verl and OpenRLHF compare their target with a mean per token (`kl/per_token`): multiply such a target by the mean response length to port it.")
     kl_horizon: int = opt(10000, "Horizon of the adaptive KL controller.")
 
     # --- reward processing --------------------------------------------------
@@ -398,32 +399,47 @@ def _check_model_paths(cfg: Any, *keys: str) -> None:
                               "the directory save_pretrained wrote (a run's final/)")
 
 
-def check_hub_ids_offline(cfg: Any, *keys: str) -> None:
-    """With HF_HUB_OFFLINE set, a hub id loads only from the local cache: one missing from it fails
-    before anything loads or is written, naming the key, instead of deep inside transformers.
+def check_hub_ids(cfg: Any, *keys: str) -> None:
+    """A hub id that cannot load fails before anything loads or is written, naming the key: with
+    HF_HUB_OFFLINE set, one missing from the local cache; without it, one neither cached nor
+    reachable (the hub's own retries take about a minute before an error that names no key).
     (Called by the stages as they start, not by `validate`: a config can be checked on any machine.)"""
-    import os
-
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes", "on"):
-        return
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     for key in keys:
         value = getattr(cfg, key)
-        if isinstance(value, str) and value and not Path(value).expanduser().exists():
-            _check_hub_id_offline(key, value)
+        if isinstance(value, str) and value and not Path(value).expanduser().exists() and not _in_hub_cache(value):
+            if offline:
+                raise ConfigError(f"{key}={value} is not a local directory, and as a hub id it is not in the local "
+                                  "cache while HF_HUB_OFFLINE=1; point it at a model directory (save_pretrained), "
+                                  "or unset HF_HUB_OFFLINE to download it")
+            _check_hub_reachable(key, value)
 
 
-def _check_hub_id_offline(key: str, repo_id: str) -> None:
+def _in_hub_cache(repo_id: str) -> bool:
+    """True also for what is not a valid repo id: the loader then says what it makes of it."""
     from huggingface_hub import try_to_load_from_cache
 
     names = ("config.json", "adapter_config.json", "tokenizer_config.json", "tokenizer.json")
     try:
-        cached = [try_to_load_from_cache(repo_id, name) for name in names]
-    except Exception:  # noqa: BLE001 - not a valid repo id: let the loader say what it makes of it
-        return
-    if not any(isinstance(path, str) for path in cached):
-        raise ConfigError(f"{key}={repo_id} is not a local directory, and as a hub id it is not in the local "
-                          "cache while HF_HUB_OFFLINE=1; point it at a model directory (save_pretrained), or "
-                          "unset HF_HUB_OFFLINE to download it")
+        return any(isinstance(try_to_load_from_cache(repo_id, name), str) for name in names)
+    except Exception:  # noqa: BLE001 - not a repo id (e.g. a typo'd path)
+        return True
+
+
+def _check_hub_reachable(key: str, repo_id: str, timeout_s: float = 5.0) -> None:
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout_s).close()
+    except OSError as err:
+        raise ConfigError(f"{key}={repo_id} is not a local directory nor in the local hub cache, and the hub "
+                          f"({constants.ENDPOINT}) cannot be reached to download it ({err}); point {key} at a model "
+                          "directory (save_pretrained), or check the network") from err
 
 
 def _positive_if_set(cfg: Any, *keys: str) -> None:

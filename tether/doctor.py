@@ -101,6 +101,8 @@ class DoctorThresholds:
     engine_gap_min: float = _threshold(0.02, "engine_gap_growing: `generation/logprob_gap` at least this (nats per "
                                              "token)...")
     engine_gap_growth: float = _threshold(2.0, "engine_gap_growing: ...and at least this many times the start's.")
+    truncation_gap_max: float = _threshold(0.05, "truncated_sampling: `generation/truncation_gap` above this (nats per "
+                                                 "response token).")
     eos_start_min: float = _threshold(0.2, "runaway_length: watched only when at least this share of the start's "
                                            "responses ended with EOS.")
     eos_fraction: float = _threshold(0.5, "runaway_length: `response/eos_rate` at most this fraction of the start's.")
@@ -555,6 +557,20 @@ def engine_gap_growing(h: History) -> Optional[Diagnosis]:
                       Advice("dtype", "check", "is the engine's dtype (a bf16 engine beside an fp32 trainer drifts)")))
 
 
+def truncated_sampling(h: History) -> Optional[Diagnosis]:
+    t = h.t
+    gap = h.latest("generation/truncation_gap")
+    if gap is None or gap.value <= t.truncation_gap_max:
+        return None
+    return Diagnosis("warning", "responses are sampled from a truncated distribution (top_k / top_p / min_new_tokens) "
+                     "while PPO scores them under the policy's full one: each update is biased by that gap",
+                     (dataclasses.replace(gap, bound=f"> {_fmt(t.truncation_gap_max)} nats per token; 0 without "
+                                          "truncation"),),
+                     (Advice("top_k", "set", "to 0 for training (truncate at evaluation instead)"),
+                      Advice("top_p", "set", "to 1.0 for training"),
+                      Advice("min_new_tokens", "lower", "if it is set (EOS held back is truncation too)")))
+
+
 def runaway_length(h: History) -> Optional[Diagnosis]:
     t = h.t
     eos = h.compare("response/eos_rate", f"<= {_fmt(t.eos_fraction)} x start")
@@ -592,7 +608,9 @@ RULES: tuple[Rule, ...] = (
          escalates=True),
     Rule("logprob_mismatch", "The first minibatch of an update sees exactly the rollout's policy, so its approx-KL "
          "is 0 and its ratio 1 (N-details item 15). Anything else means sampling and training compute log-probs "
-         "differently (dropout on, another temperature, a train-mode layer): a bug in the setup.",
+         "differently (dropout on, another temperature, a train-mode layer): a bug in the setup. top_k / top_p "
+         "are not a cause here: tether computes the old log-probs with its own forward under the full distribution "
+         "(`truncated_sampling` reports the truncation).",
          ("mismatch_approx_kl", "mismatch_approx_kl_bf16", "mismatch_ratio"), logprob_mismatch),
     Rule("critic_not_learning", "With a critic (advantage_estimator=gae): its explained variance, averaged over the "
          "latest `critic_ev_updates` updates, is below `critic_ev_max` (slightly below 0): its values add variance "
@@ -604,6 +622,10 @@ RULES: tuple[Rule, ...] = (
          ("grad_spike_factor", "grad_spike_history"), grad_norm_spike),
     Rule("engine_gap_growing", "With an external generation engine (generation_backend=vllm): the mean gap between "
          "its log-probs and the trainer's grows.", ("engine_gap_min", "engine_gap_growth"), engine_gap_growing),
+    Rule("truncated_sampling", "With top_k, top_p or min_new_tokens set: the responses come from a truncated "
+         "distribution q, PPO scores them under the policy's π, and the mean gap log q(a) − log π(a) over the "
+         "sampled tokens (`generation/truncation_gap`) is large: the updates are off-policy by that much.",
+         ("truncation_gap_max",), truncated_sampling),
     Rule("runaway_length", "The share of responses that end with EOS halves: responses run into max_new_tokens.",
          ("eos_start_min", "eos_fraction"), runaway_length),
 )

@@ -101,10 +101,32 @@ class GenerationBackend(Protocol):
 
 
 class BuiltinSampler:
-    """tether's batched KV-cache sampler on the live policy module: nothing to sync."""
+    """tether's batched KV-cache sampler on the live policy module: nothing to sync.
+
+    With top_k / top_p / min_new_tokens it samples from a truncated distribution q while PPO scores
+    under the policy's π (as verl and OpenRLHF do); it measures the gap log q(a) - log π(a) over
+    the response tokens it samples, for `generation/truncation_gap`."""
+
+    def __init__(self):
+        self.gap_sum, self.gap_tokens = 0.0, 0
 
     def generate(self, roles, prompt_ids, prompt_mask, settings, tokenizer) -> Generation:
-        return Generation(*roles.sample(prompt_ids, prompt_mask, settings, tokenizer))
+        from tether.rollout import truncates
+
+        gaps = [] if truncates(settings) else None
+        generation = Generation(*roles.sample(prompt_ids, prompt_mask, settings, tokenizer, gaps=gaps))
+        if gaps:
+            real = generation.response_mask[:, : len(gaps)]
+            self.gap_sum += (torch.stack(gaps, 1) * real).sum().item()
+            self.gap_tokens += int(real.sum())
+        return generation
+
+    def take_truncation_gap(self) -> Optional[float]:
+        """Mean nats per response token since the last call (None: nothing truncated)."""
+        if not self.gap_tokens:
+            return None
+        gap, (self.gap_sum, self.gap_tokens) = self.gap_sum / self.gap_tokens, (0.0, 0)
+        return gap
 
     def sync_weights(self, roles) -> None:
         pass

@@ -14,7 +14,7 @@ class Metric:
     name: str
     meaning: str
     healthy: str
-    only_with: tuple[str, ...] = ()  # the options that must all be set for it to be logged; () = always
+    only_with: tuple[str, ...] = ()  # the options that must all be set for it to be logged ("a or b": either); () = always
     logged_when: str = ""  # the rows it appears on when not every row, e.g. "the last row"
     critic: bool = False  # logged only when a critic is trained (advantage_estimator=gae, the default)
 
@@ -37,6 +37,10 @@ PPO_METRICS: tuple[Metric, ...] = (
            "(the estimator chosen by `kl_estimator`, k1 by default).",
            "Starts at 0, grows slowly. Typical RLHF runs stay below ~10 nats per response; tens of nats is drift "
            "into gibberish or a single mode."),
+    Metric("kl/per_token", "The same KL as a mean per token: each response's summed KL divided by its length, "
+           "then averaged over responses (the figure verl and OpenRLHF log and feed their KL controllers).",
+           "`kl/mean` divided by about the response length. `kl_target` is compared with `kl/mean` (per response), "
+           "not with this."),
     Metric("kl/coef", "The KL coefficient β used for this update (changes only with `adaptive_kl`).",
            "Constant for fixed KL; with adaptive KL it rises when `kl/mean` is above `kl_target`."),
     Metric("policy/loss", "Clipped surrogate loss (PPO eq. 7), averaged over optimizer steps.",
@@ -126,6 +130,12 @@ PPO_METRICS: tuple[Metric, ...] = (
            "engine reported against the trainer's own forward (which PPO uses).", "Near 0 (bf16 engines: ~1e-2). A "
            "growing gap means the engine samples from another policy than the one trained (stale weights, other "
            "precision or sampling settings), a known cause of collapse.", ("generation_backend=vllm",)),
+    Metric("generation/truncation_gap", "Mean over the sampled response tokens of log q(a) − log π(a): how far the "
+           "distribution the built-in sampler draws from (after top_k, top_p, and EOS held back before "
+           "min_new_tokens) is from the policy's softmax(logits / T), under which PPO scores them (as verl and "
+           "OpenRLHF do). −log of the policy's probability mass the sampler keeps.",
+           "0 without truncation; small (< 0.05 nats) keeps the updates nearly on-policy. Large: the doctor's "
+           "truncated_sampling rule.", ("top_k or top_p or min_new_tokens",)),
     Metric("generation/logprob_gap_max", "Largest absolute engine − trainer log-prob difference over the batch's tokens.",
            "Small; single large values point at one token where the two disagree.", ("generation_backend=vllm",)),
     Metric("eval/score", "Mean proxy score on the fixed held-out prompts (logged at update 0, every "
@@ -211,7 +221,7 @@ def _when(m: Metric) -> str:
     parts = []
     if m.only_with:
         verb = " are set" if len(m.only_with) > 1 else " is set"
-        parts.append(" and ".join(f"`{o}`" for o in m.only_with) + verb)
+        parts.append(" and ".join(" or ".join(f"`{x}`" for x in o.split(" or ")) for o in m.only_with) + verb)
     if m.critic:
         parts.append("with a critic (`advantage_estimator=gae`)")
     if m.logged_when:

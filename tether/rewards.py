@@ -91,7 +91,21 @@ class FunctionReward:
             except Exception as single:
                 return (f"reward {self.name} raised {type(single).__name__}: {single} on response {i} "
                         f"{response[:200]!r} (prompt {prompts[i][:100]!r}); fix the function for that input")
-        return f"reward {self.name} raised {type(err).__name__}: {err} on a batch of {len(responses)} responses"
+        return (f"reward {self.name} raised {type(err).__name__}: {err} at {raised_at(err)} on the batch of "
+                f"{len(responses)} responses (first: {responses[0][:100]!r}), while each response alone scores "
+                "fine: the failure depends on the batch (its size, or state kept between calls); fix the function "
+                "for a whole batch")
+
+
+def raised_at(err: BaseException) -> str:
+    """'file.py:line in function' of the innermost frame: where in the user's code the error came from."""
+    import traceback
+
+    frames = traceback.extract_tb(err.__traceback__)
+    if not frames:
+        return "an unknown place"
+    last = frames[-1]
+    return f"{Path(last.filename).name}:{last.lineno} in {last.name}"
 
 
 def check_scores(raw: Sequence[float], responses: list[str], name: str) -> Tensor:

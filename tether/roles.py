@@ -64,8 +64,10 @@ class Roles(Protocol):
 
     generation_model: nn.Module  # the policy as a module that samples (its generation_config names EOS ids)
 
-    def sample(self, prompt_ids: Tensor, prompt_mask: Tensor, settings, tokenizer) -> tuple[Tensor, Tensor, Tensor]:
-        """(response_ids (B, R), response_mask (B, R), ended (B,)) sampled from the policy."""
+    def sample(self, prompt_ids: Tensor, prompt_mask: Tensor, settings, tokenizer,
+               gaps: Optional[list] = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(response_ids (B, R), response_mask (B, R), ended (B,)) sampled from the policy; `gaps` as
+        `rollout.sample_responses`."""
         ...
 
     def score(self, input_ids: Tensor, attention_mask: Tensor, response_length: int, settings,
@@ -141,12 +143,12 @@ class SeparateRoles:
         self.policy, self.reference, self.critic, self.reward = policy, freeze(reference), critic, reward
         self.generation_model = policy
 
-    def sample(self, prompt_ids, prompt_mask, settings, tokenizer):
+    def sample(self, prompt_ids, prompt_mask, settings, tokenizer, gaps=None):
         from tether.rollout import sample_responses
         from tether.sharding import whole_weights
 
         with whole_weights(self.policy):  # a sharded policy gathers once per rollout, not once per token
-            return sample_responses(self.policy, prompt_ids, prompt_mask, settings, tokenizer)
+            return sample_responses(self.policy, prompt_ids, prompt_mask, settings, tokenizer, gaps)
 
     @torch.no_grad()
     def score(self, input_ids, attention_mask, response_length, settings, prompts, responses,
@@ -310,13 +312,12 @@ class SharedBaseRoles:
 
     # --- the Roles protocol ---
 
-    def sample(self, prompt_ids, prompt_mask, settings, tokenizer):
+    def sample(self, prompt_ids, prompt_mask, settings, tokenizer, gaps=None):
         from tether.rollout import sample_responses
-
         from tether.sharding import whole_weights
 
         with self.role("policy"), whole_weights(self.causal_lm):
-            return sample_responses(self.causal_lm, prompt_ids, prompt_mask, settings, tokenizer)
+            return sample_responses(self.causal_lm, prompt_ids, prompt_mask, settings, tokenizer, gaps)
 
     @torch.no_grad()
     def score(self, input_ids, attention_mask, response_length, settings, prompts, responses,

@@ -79,40 +79,6 @@ def select_rows(batch, index: Tensor):
     return type(batch)(**picked)
 
 
-def concat_rollouts(rollouts: list[Rollout], pad_id: int) -> Rollout:
-    """One Rollout of the rows of several (e.g. the refill rounds of dynamic sampling): prompts
-    left-padded and responses right-padded to the widest, times summed. The kept graph and the
-    trunk are dropped: the trainer recomputes those forwards."""
-    if len(rollouts) == 1:
-        return dataclasses.replace(rollouts[0], trunk=None, graph=None)
-    prompt_width = max(r.prompt_length for r in rollouts)
-    response_width = max(r.response_mask.shape[1] for r in rollouts)
-
-    def widen(x: Tensor, left: int, right: int, value) -> Tensor:
-        if x.dtype == torch.bool:  # constant padding takes numbers
-            return widen(x.to(torch.uint8), left, right, int(value)).bool()
-        return torch.nn.functional.pad(x, (left, right), value=value)
-
-    def stack(name: str, value) -> Tensor:  # a (B, R) field
-        return torch.cat([widen(getattr(r, name), 0, response_width - getattr(r, name).shape[1], value)
-                          for r in rollouts])
-
-    input_ids, attention_mask = [], []
-    for r in rollouts:
-        left, right = prompt_width - r.prompt_length, response_width - r.response_mask.shape[1]
-        prompt, response = r.input_ids[:, : r.prompt_length], r.response_ids
-        input_ids.append(torch.cat([widen(prompt, left, 0, pad_id), widen(response, 0, right, pad_id)], dim=1))
-        prompt_mask, response_mask = r.attention_mask[:, : r.prompt_length], r.attention_mask[:, r.prompt_length :]
-        attention_mask.append(torch.cat([widen(prompt_mask, left, 0, 0), widen(response_mask, 0, right, 0)], dim=1))
-    engine = stack("engine_logprobs", 0.0) if all(r.engine_logprobs is not None for r in rollouts) else None
-    return Rollout(torch.cat(input_ids), torch.cat(attention_mask), stack("response_mask", False),
-                   stack("logprobs", 0.0), stack("ref_logprobs", 0.0), stack("values", 0.0),
-                   torch.cat([r.scores for r in rollouts]), torch.cat([r.ended for r in rollouts]),
-                   [p for r in rollouts for p in r.prompts], [x for r in rollouts for x in r.responses],
-                   generate_s=sum(r.generate_s for r in rollouts), score_s=sum(r.score_s for r in rollouts),
-                   engine_logprobs=engine)
-
-
 # --- sampling -------------------------------------------------------------------
 
 
@@ -131,17 +97,27 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     return logits
 
 
+def truncates(settings: GenerationSettings) -> bool:
+    """Whether the sampler draws from a distribution other than the policy's softmax(logits / T)."""
+    return bool(settings.top_k) or settings.top_p < 1.0 or settings.min_new_tokens > 0
+
+
 def sample_next_token(logits: Tensor, settings: GenerationSettings, allow_eos: bool = True,
-                      eos: Optional[Tensor] = None) -> Tensor:
+                      eos: Optional[Tensor] = None, gaps: Optional[list] = None) -> Tensor:
     """(B,) tokens sampled from softmax(logits / T) after top-k / top-p; pad is never sampled, nor
     EOS when `allow_eos` is False (before min_new_tokens). `eos`: the EOS ids as a tensor on the
-    logits' device (made once per response, not once per token)."""
+    logits' device (made once per response, not once per token). `gaps`: gets a (B,) tensor of
+    log q(a) - log π(a) >= 0, the nats by which the sampled distribution q exceeds the policy's π
+    (the one PPO scores) at the sampled token: -log of π's mass that q keeps."""
     logits = logits.float() / settings.temperature
     logits[:, settings.pad_id] = float("-inf")
+    policy_norm = logits.logsumexp(-1) if gaps is not None else None
     if not allow_eos:
         eos = eos if eos is not None else torch.tensor(settings.eos_ids, device=logits.device)
         logits.index_fill_(1, eos, float("-inf"))
     logits = filter_logits(logits, settings.top_k, settings.top_p)
+    if gaps is not None:
+        gaps.append((policy_norm - logits.logsumexp(-1)).clamp(min=0.0))
     return torch.multinomial(logits.softmax(-1), 1).squeeze(-1)
 
 
@@ -151,11 +127,12 @@ def accepts(model: nn.Module, name: str) -> bool:
 
 @torch.no_grad()
 def sample_responses(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, settings: GenerationSettings,
-                     tokenizer=None) -> tuple[Tensor, Tensor, Tensor]:
+                     tokenizer=None, gaps: Optional[list] = None) -> tuple[Tensor, Tensor, Tensor]:
     """Batched sampling with a KV cache from left-padded prompts.
 
     Returns response_ids (B, R) right-padded with pad_id, response_mask (B, R) bool (True up to
-    and including the EOS / the token completing a stop string), ended (B,) bool.
+    and including the EOS / the token completing a stop string), ended (B,) bool. `gaps`: gets
+    one (B,) tensor per token, as `sample_next_token`.
     """
     batch = prompt_ids.shape[0]
     device = prompt_ids.device
@@ -171,7 +148,7 @@ def sample_responses(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, 
     tokens, real = [], []
     for step in range(settings.max_new_tokens):
         may_end = step >= settings.min_new_tokens  # as transformers' min_new_tokens: EOS not counted
-        token = sample_next_token(out.logits[:, -1], settings, allow_eos=may_end, eos=eos)
+        token = sample_next_token(out.logits[:, -1], settings, allow_eos=may_end, eos=eos, gaps=gaps)
         token = torch.where(alive, token, torch.full_like(token, settings.pad_id))
         tokens.append(token)
         real.append(alive.clone())

@@ -29,6 +29,7 @@ from typing import Any, Optional
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".tether.lock"
+RUN_MARKER = ".tether-run"  # written as a run starts: the run files beside it are tether's to replace
 CONFIG_FILE = "config.yaml"
 STATE_FILE = "trainer_state.json"
 LOG_FILES = ("metrics.jsonl", "samples.jsonl", "doctor.jsonl")
@@ -117,6 +118,15 @@ def run_contents(path: Path) -> list[str]:
     names += [p.name for _, p in checkpoints(path)]
     names += ["final"] if (path / "final").is_dir() else []
     return names
+
+
+def written_by_tether(path: Path) -> bool:
+    """A directory whose run files tether wrote: it holds the marker, or (runs from before the marker)
+    a checkpoint's trainer state or a metrics log."""
+    path = Path(path)
+    if (path / RUN_MARKER).is_file() or (path / "metrics.jsonl").is_file():
+        return True
+    return any((p / STATE_FILE).is_file() for p in [*path.glob("checkpoint-*"), path / "final"])
 
 
 def prune_checkpoints(path: Path, keep: int) -> None:
@@ -253,6 +263,10 @@ def open_run(path: str | Path, current_config: dict[str, Any], resume: bool = Fa
                               f"({', '.join(contents) or 'empty'}); start it without resume=true "
                               "(set save_every to write checkpoints)")
         check_resumable_config(path, current_config, defaults)
+    elif contents and not written_by_tether(path):
+        raise RunDirError(f"output_dir {path} holds {', '.join(contents[:6])}, which tether did not write (no "
+                          f"{RUN_MARKER} there), and tether never replaces files it did not write: choose another "
+                          "output_dir, or move those files away")
     elif contents and not overwrite:
         raise RunDirError(f"output_dir {path} already holds a run ({', '.join(contents[:6])}"
                           f"{', ...' if len(contents) > 6 else ''}); pass resume=true to continue it, "
@@ -265,6 +279,7 @@ def commit_run(start: RunStart, save_config, resumed_step: Optional[int] = None)
     """Every check has passed: clear an overwritten run, write config.yaml, truncate resumed logs."""
     if start.overwrite:
         clear_run(start.path)
+    (start.path / RUN_MARKER).write_text("tether run directory: its run files are replaced by overwrite=true\n")
     if resumed_step is not None:
         for name in LOG_FILES:
             truncate_jsonl(start.path / name, resumed_step)

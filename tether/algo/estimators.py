@@ -19,6 +19,7 @@ from .masked import _as_bool_mask, _zero_masked, masked_whiten
 __all__ = [
     "LOSS_AGGREGATIONS",
     "group_view",
+    "group_deviations",
     "grpo_advantages",
     "dr_grpo_advantages",
     "rloo_advantages",
@@ -40,36 +41,47 @@ def group_view(x: Tensor, group_size: int) -> Tensor:
     return x.view(-1, group_size)
 
 
+def group_deviations(returns: Tensor, group_size: int) -> Tensor:
+    """(B,) -> (B/n, n) float64: r_i - mean(r_group), exactly 0 for a group whose returns are all
+    equal (a float mean of equal values can miss them by an ulp, and GRPO divides that by eps)."""
+    groups = group_view(returns.double(), group_size)
+    uniform = groups.amax(dim=1, keepdim=True) == groups.amin(dim=1, keepdim=True)
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    return torch.where(uniform, torch.zeros((), dtype=centred.dtype, device=centred.device), centred)
+
+
+def _as_returned(advantages: Tensor, returns: Tensor) -> Tensor:
+    """Group statistics are float64; the result has the input's precision (at least float32)."""
+    return advantages.flatten().to(torch.promote_types(returns.dtype, torch.float32))
+
+
 def grpo_advantages(returns: Tensor, group_size: int, eps: float = 1e-6) -> Tensor:
     """GRPO (Shao et al. 2024, DeepSeekMath §4.1.2, outcome supervision): (B,) -> (B,)
     A_i = (r_i - mean(r_group)) / (std(r_group) + eps), std unbiased (n - 1), as TRL and verl.
     A group of one has no baseline: mean 0, std 1, so A = r (verl's convention). Equal returns
-    in a group give A = 0 (nothing to learn from that prompt)."""
-    groups = group_view(returns.float(), group_size)
+    in a group give exactly A = 0 (nothing to learn from that prompt)."""
     if group_size == 1:
-        return groups.flatten()
-    centred = groups - groups.mean(dim=1, keepdim=True)
-    return (centred / (groups.std(dim=1, keepdim=True) + eps)).flatten()
+        return _as_returned(returns, returns)
+    centred = group_deviations(returns, group_size)
+    std = centred.pow(2).sum(dim=1, keepdim=True).div(group_size - 1).sqrt()
+    return _as_returned(centred / (std + eps), returns)
 
 
 def dr_grpo_advantages(returns: Tensor, group_size: int) -> Tensor:
     """Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training", eq. 3): (B,) -> (B,)
     A_i = r_i - mean(r_group): no division by the group's std (which up-weights prompts that are
     too easy or too hard). A group of one: A = r."""
-    groups = group_view(returns.float(), group_size)
     if group_size == 1:
-        return groups.flatten()
-    return (groups - groups.mean(dim=1, keepdim=True)).flatten()
+        return _as_returned(returns, returns)
+    return _as_returned(group_deviations(returns, group_size), returns)
 
 
 def rloo_advantages(returns: Tensor, group_size: int) -> Tensor:
     """RLOO (Ahmadian et al. 2024, "Back to Basics", eq. 5; Kool et al. 2019): (B,) -> (B,)
     A_i = r_i - mean_{j != i} r_j = n/(n-1) * (r_i - mean(r_group)). A group of one: A = r."""
-    groups = group_view(returns.float(), group_size)
     if group_size == 1:
-        return groups.flatten()
-    others = (groups.sum(dim=1, keepdim=True) - groups) / (group_size - 1)
-    return (groups - others).flatten()
+        return _as_returned(returns, returns)
+    return _as_returned(group_deviations(returns, group_size) * (group_size / (group_size - 1)), returns)
 
 
 def returns_to_go(rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor:
@@ -143,5 +155,5 @@ def overlong_penalty(lengths: Tensor, max_new_tokens: int, buffer: int, penalty:
 def uniform_groups(scores: Tensor, group_size: int, atol: float = 0.0) -> Tensor:
     """(B,) scores -> (B/n,) bool: True where all n scores of a group are equal (DAPO's dynamic
     sampling drops those groups: their group-normalised advantages are all 0)."""
-    groups = group_view(scores.float(), group_size)
+    groups = group_view(scores.double(), group_size)  # the precision `group_deviations` compares in
     return (groups.max(dim=1).values - groups.min(dim=1).values) <= atol

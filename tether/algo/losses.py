@@ -143,10 +143,14 @@ def clipped_value_loss(
         per_token = 0.5 * error_unclipped
         clipped = torch.zeros_like(mask)
     else:
-        values_clipped = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
+        # Inside the band V itself, not V_old + (V - V_old), which can differ from V by an ulp and
+        # then counted as clipped (the loss and gradient are the same either way).
+        outside = (values - old_values).abs() > clip_eps
+        values_clipped = torch.where(outside, old_values + torch.clamp(values - old_values, -clip_eps, clip_eps),
+                                     values)
         error_clipped = (values_clipped - returns) ** 2
         per_token = 0.5 * torch.maximum(error_unclipped, error_clipped)
-        clipped = error_clipped > error_unclipped
+        clipped = outside & (error_clipped > error_unclipped)
 
     loss = _reduce_loss(per_token, mask, num_tokens)
     with torch.no_grad():

@@ -16,7 +16,7 @@ from torch import nn
 
 from tether import distributed
 from tether.checkpoint import seed_everything
-from tether.config import ConfigError, PPOConfig, check_hub_ids_offline, config_to_dict, lora_settings, save_config
+from tether.config import ConfigError, PPOConfig, check_hub_ids, config_to_dict, lora_settings, save_config
 from tether.data import load_records, load_texts, pack_texts, tokenize_prompts
 from tether.generation import engine_embedding_rows
 from tether.models import (
@@ -155,7 +155,7 @@ def build_ppo_trainer(cfg: PPOConfig, generation=None) -> PPOTrainer:
     cfg.validate()
     join_ranks(cfg)
     precision = settle_precision(cfg)  # before the run directory compares a resumed config with its own
-    check_hub_ids_offline(cfg, "policy", "reference", "critic", "reward_model", "tokenizer", "reward_tokenizer")
+    check_hub_ids(cfg, "policy", "reference", "critic", "reward_model", "tokenizer", "reward_tokenizer")
     check_sequence_fits(cfg.policy, cfg.max_prompt_length + cfg.max_new_tokens,  # before anything is written
                         "max_prompt_length + max_new_tokens", "lower max_prompt_length or max_new_tokens")
     if cfg.resume:

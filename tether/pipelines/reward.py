@@ -29,7 +29,7 @@ import torch
 from tether import distributed
 from tether.algo import append_missing_eos
 from tether.checkpoint import load_weights, read_trainer_state, save_checkpoint, seed_everything
-from tether.config import ConfigError, RewardConfig, check_hub_ids_offline, lora_settings
+from tether.config import ConfigError, RewardConfig, check_hub_ids, lora_settings
 from tether.lora import build_lora_reward_model, require_full_model
 from tether.data import DataError, load_records, tokenize_prompts
 from tether.models import (
@@ -79,7 +79,7 @@ def run_reward(cfg: RewardConfig) -> dict[str, float]:
     validate_reward_config(cfg)
     join_ranks(cfg)
     settle_precision(cfg)  # before the run directory compares a resumed config with its own
-    check_hub_ids_offline(cfg, "model", "tokenizer", "normalize_policy")
+    check_hub_ids(cfg, "model", "tokenizer", "normalize_policy")
     with locked(start_run(cfg)) as start:
         return _run_reward(cfg, start)
 

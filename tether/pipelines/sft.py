@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tether import distributed
 from tether.checkpoint import load_weights, read_trainer_state, save_checkpoint, seed_everything
-from tether.config import SFTConfig, check_hub_ids_offline
+from tether.config import SFTConfig, check_hub_ids
 from tether.data import DataError, check_messages, load_records, load_texts, pack_texts
 from tether.config import lora_settings
 from tether.lora import add_lora, require_full_model
@@ -28,7 +28,7 @@ def run_sft(cfg: SFTConfig) -> dict[str, float]:
     cfg.validate()
     join_ranks(cfg)
     settle_precision(cfg)  # before the run directory compares a resumed config with its own
-    check_hub_ids_offline(cfg, "model", "tokenizer")
+    check_hub_ids(cfg, "model", "tokenizer")
     if cfg.init == "pretrained":  # before anything is written
         check_sequence_fits(cfg.model, cfg.block_size, "block_size", "lower block_size")
     with locked(start_run(cfg)) as start:

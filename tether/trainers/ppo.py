@@ -66,7 +66,8 @@ from tether.models import eos_token_ids
 from tether.precision import FP32, Precision
 from tether.rewards import RewardTimeout
 from tether.roles import Roles
-from tether.rollout import GenerationSettings, Rollout, collect_rollout, concat_rollouts, select_rows, synced_clock
+from tether.rollout import (GenerationSettings, Rollout, collect_rollout, concat_rollouts, select_rows, synced_clock,
+                            truncates)
 from tether.sharding import full_optimizer_state, local_optimizer_state, local_shard
 from tether.tracking import SampleWriter, Tracker
 from tether.trainers import adamw, clip_grad_norm
@@ -176,6 +177,11 @@ class PPOTrainer:
             max_new_tokens=cfg.max_new_tokens, eos_ids=eos_token_ids(tokenizer, roles.generation_model), pad_id=tokenizer.pad_token_id,
             temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, stop_strings=list(cfg.stop_strings),
             min_new_tokens=cfg.min_new_tokens)
+        if (cfg.top_k or cfg.top_p < 1.0) and self.writes:
+            log.warning("top_k=%s top_p=%s: responses are sampled from a truncated distribution while PPO scores them "
+                        "under the policy's full one (as verl and OpenRLHF do), so updates are off-policy by "
+                        "generation/truncation_gap nats per token; top_k=0 top_p=1 keep PPO on-policy",
+                        cfg.top_k, cfg.top_p)
         self.kl_controller = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
                               else FixedKLController(cfg.kl_coef))
         self.score_moments = RunningMoments()
@@ -399,6 +405,9 @@ class PPOTrainer:
         # 5. Control: the KL controller sees the mean summed KL per response (Ziegler et al. 2019).
         kl_per_response = distributed.gather_rows(kl.sum(-1)).mean().item()
         self.kl_controller.update(kl_per_response, cfg.rollout_size)
+        # verl's and OpenRLHF's reading of "the KL": a mean per token of each response, then over responses
+        lengths = rollout.response_mask.sum(-1).clamp(min=1)
+        kl_per_token = distributed.gather_rows(kl.sum(-1) / lengths).mean().item()
         self.generation.sync_weights(self.roles)  # the next rollout samples from the updated policy
         self.update += 1
         metrics = {
@@ -406,7 +415,7 @@ class PPOTrainer:
             **opt_stats, **sampling,
             "time/rollout_s": rollout_s, "time/generate_s": rollout.generate_s, "time/score_s": rollout.score_s,
             "time/train_s": train_s, "time/update_s": synced_clock(self.device) - start,
-            "ppo/skipped_updates": float(self.skipped_updates),
+            "ppo/skipped_updates": float(self.skipped_updates), "kl/per_token": kl_per_token,
         }
         self.after_update(rollout, raw_scores, metrics)
         return metrics
@@ -713,7 +722,7 @@ class PPOTrainer:
         overlong = {"reward/overlong_penalty": g(self._overlong).mean().item()} if self.cfg.overlong_buffer else {}
         return {
             **gold, **critic, **overlong,
-            **self.engine_gap_metrics(rollout),
+            **self.engine_gap_metrics(rollout), **self.truncation_gap_metrics(),
             "batch/prompts": float(len(scores) // self.cfg.samples_per_prompt),
             "batch/responses": float(len(scores)),
             "reward/score": scores.mean().item(),
@@ -731,6 +740,17 @@ class PPOTrainer:
             "response/repeated_3gram_rate": repeated_ngram_rate(responses, 3),
             "response/ref_perplexity": reference_perplexity(ref_logprobs, mask),
         }
+
+    def truncation_gap_metrics(self) -> dict[str, float]:
+        """How far the sampled distribution (top_k / top_p / min_new_tokens) is from the policy's that PPO
+        scores: mean log q(a) - log π(a) per response token, as the built-in sampler measured it."""
+        take = getattr(self.generation, "take_truncation_gap", None)
+        if take is None or not truncates(self.settings):
+            return {}
+        tokens = self.generation.gap_tokens
+        gap = take() or 0.0
+        total, count = distributed.sum_floats([gap * tokens, float(tokens)])
+        return {"generation/truncation_gap": total / max(count, 1.0)}
 
     def engine_gap_metrics(self, rollout: Rollout) -> dict[str, float]:
         """How far the generation engine's log-probs are from the trainer's (absent for the built-in sampler)."""
