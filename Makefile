@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM ?= false
 PIP_INSTALL := $(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile $(FIND_LINKS)
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: install demo demo-smollm2 test bench-speed clean
+.PHONY: install demo demo-smollm2 test test-fast bench-speed clean
 
 install: $(VENV)/.installed
 
@@ -38,6 +38,10 @@ bench-speed: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# Everything but the slow tier, for working between changes; `make test` stays the gate.
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) .venv-trl runs .pytest_cache .hypothesis

@@ -15,6 +15,8 @@ from safetensors.torch import load_file
 
 from conftest import REWARDS
 
+pytestmark = pytest.mark.slow  # two processes per test: most of the suite's time (make test-fast skips it)
+
 WORKER = Path(__file__).with_name("dist_worker.py")
 ROOT = Path(__file__).resolve().parents[1]
 NCCL_LIKE = Path(__file__).with_name("nccl_like")  # its sitecustomize makes every rank run as on CUDA + NCCL

@@ -506,7 +506,7 @@ def test_vllm_on_a_machine_without_cuda_is_a_config_error(tiny_dirs, tmp_path):
 
 
 def test_the_builtin_sampler_reports_no_engine_logprobs(tiny_dirs, tmp_path):
-    roles = SimpleNamespace(sample=lambda *a: (torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.bool),
+    roles = SimpleNamespace(sample=lambda *a, **k: (torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.bool),
                                                torch.ones(1, dtype=torch.bool)))
     out = BuiltinSampler().generate(roles, None, None, SETTINGS, None)
     assert out.engine_logprobs is None
