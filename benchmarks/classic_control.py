@@ -1,7 +1,7 @@
 """tether's PPO core against CleanRL's published benchmark, on gymnasium environments.
 
     .venv/bin/pip install "gymnasium[mujoco]==1.4.0"      # benchmark-only, never a tether dependency
-    .venv/bin/python benchmarks/classic_control.py [--env CartPole-v1 Hopper-v5] [--seeds 1 2 3]
+    .venv/bin/python benchmarks/classic_control.py [--env CartPole-v1 Hopper-v4] [--seeds 1 2 3]
 
 A small actor-critic MLP (64x64 tanh, orthogonal init) is trained with tether.algo's own functions,
 the ones the LLM trainer calls: `gae`, `masked_whiten`, `clipped_policy_loss`, `clipped_value_loss`,
@@ -227,7 +227,7 @@ def optimise(agent, optimizer, settings: Settings, obs, actions, old_logp, old_v
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--env", nargs="+", default=["CartPole-v1", "Hopper-v5"], choices=sorted(ENVIRONMENTS))
+    parser.add_argument("--env", nargs="+", default=["CartPole-v1", "Hopper-v4"], choices=sorted(ENVIRONMENTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--steps", type=int, default=None, help="override the total steps (a quick try)")
     parser.add_argument("--log-every", type=int, default=50, help="updates between progress lines (0: none)")

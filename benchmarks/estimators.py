@@ -92,7 +92,7 @@ def smollm2_ppo_values() -> dict:
 
 
 def demo_ppo_values(model: str) -> dict:
-    from tether.pipelines.ppo import set_threads
+    from tether.pipelines.stage import set_threads
 
     set_threads(0)
     return toy_ppo_values() if model == "toy" else smollm2_ppo_values()

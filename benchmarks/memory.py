@@ -65,7 +65,7 @@ def child(spec: dict) -> dict:
     """One configuration in this process: load, one update (or SFT step), peak RSS."""
     import torch
 
-    from tether.pipelines.ppo import return_freed_memory_to_os
+    from tether.pipelines.stage import return_freed_memory_to_os
 
     torch.set_num_threads(spec["threads"])
     if spec["release_memory"]:  # the same allocator setting for every configuration, the yardstick too

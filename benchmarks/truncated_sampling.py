@@ -25,7 +25,7 @@ import torch
 
 from tether.algo.logprobs import logprobs_from_logits
 from tether.data import left_pad
-from tether.rollout import GenerationSettings, response_logits, sample_responses
+from tether.sampling import GenerationSettings, response_logits, sample_responses
 from tether.tiny import build_tiny_causal_lm, builtin_corpus, train_tokenizer
 
 SETTINGS = [(0, 1.0), (50, 1.0), (20, 1.0), (5, 1.0), (0, 0.95), (0, 0.9), (0, 0.5), (5, 0.9)]

@@ -23,11 +23,11 @@ from tether.generation import (
     declared,
     engine_arguments,
     engine_dtype,
-    engine_lora_rank,
     logprob_gap,
     model_vocab_size,
 )
-from tether.rollout import GenerationSettings
+from tether.config import engine_lora_rank
+from tether.sampling import GenerationSettings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -534,6 +534,7 @@ def test_the_source_check_fails_when_the_release_lacks_a_name(tmp_path):
 
 def write_miniature_release(root: Path, drop: str = "") -> None:
     """The few files of vLLM 0.33.0 the check reads, cut down to what it looks up."""
+    from tether import config as limits
     from tether import generation as g
 
     def write(path: str, text: str) -> None:
@@ -545,7 +546,7 @@ def write_miniature_release(root: Path, drop: str = "") -> None:
         return f"class {name}:\n" + "".join(f"    {n}: int = 0\n" for n in names if n != drop)
 
     stand_in_init = ("runner", "tokenizer", "tensor_parallel_size", "dtype", "seed", "gpu_memory_utilization")
-    write("_version.py", f"__version__ = version = '{g.VLLM_RELEASE}'\n")
+    write("_version.py", f"__version__ = version = '{limits.VLLM_RELEASE}'\n")
     write("entrypoints/llm.py", "class LLM:\n"
           f"    def __init__(self, model, *, {', '.join(f'{n}=None' for n in stand_in_init)}, **kwargs): ...\n"
           "    def generate(self, prompts, sampling_params=None, *, use_tqdm=True, lora_request=None, priority=None,"
@@ -561,12 +562,12 @@ def write_miniature_release(root: Path, drop: str = "") -> None:
     write("outputs.py", struct("CompletionOutput", ("index", "text", "token_ids", "cumulative_logprob", "logprobs",
                                                     "finish_reason")) + struct("RequestOutput", ("request_id",
                                                                                                  "outputs")))
-    write("config/lora.py", f"MaxLoRARanks = Literal{list(g.VLLM_LORA_RANKS)}\n")
+    write("config/lora.py", f"MaxLoRARanks = Literal{list(limits.VLLM_LORA_RANKS)}\n")
     write("config/model.py", f"LogprobsMode = Literal['raw_logprobs', '{g.LOGPROBS_MODE}']\n")
     write("config/parallel.py", f"DistributedExecutorBackend = Literal['mp', '{g.EXECUTOR_BACKEND}']\n")
     write("envs.py", f"environment_variables = {{'{g.IN_PROCESS_ENV}': None}}\n")
     write("v1/executor/abstract.py", f"SLEEP_TAGS = frozenset({tuple(g.ENGINE_MEMORY)})\n")
-    archs = {a: ("plain", a) for a in g.VLLM_ARCHITECTURES_WITHOUT_LORA} | {"LlamaForCausalLM": ("llama", "Llama")}
+    archs = {a: ("plain", a) for a in limits.VLLM_ARCHITECTURES_WITHOUT_LORA} | {"LlamaForCausalLM": ("llama", "Llama")}
     write("model_executor/models/registry.py", f"_TEXT_GENERATION_MODELS = {archs!r}\n")
     plain = [a for a in archs if a != "LlamaForCausalLM"]
     write("model_executor/models/plain.py", "".join(f"class {a}(nn.Module): ...\n" for a in plain))

@@ -223,7 +223,7 @@ def test_run_directory_and_checkpoint_load_with_plain_transformers(tiny_dirs, tm
 
 def test_reward_model_and_critic_from_it(tiny_dirs, tmp_path):
     trainer = make_trainer(tiny_dirs, tmp_path, reward_fn=None, reward_model=str(tiny_dirs["reward"]))
-    from tether.models import load_reward_model
+    from tether.placement import load_reward_model
 
     rm = load_reward_model(str(tiny_dirs["reward"]))
     assert torch.equal(trainer.roles.critic.value_head.weight.data, rm.score.weight.data)

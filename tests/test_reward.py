@@ -22,12 +22,13 @@ from tether.metrics import REWARD_METRIC_NAMES
 from tether.models import (
     eos_token_ids,
     has_tokenizer_files,
+    init_score_head,
     load_causal_lm,
-    load_reward_model,
     load_tokenizer,
     reward_model_scores,
     same_vocabulary,
 )
+from tether.placement import load_reward_model
 from tether.pipelines.reward import (
     encode_preference_pairs,
     load_reward_backbone,
@@ -40,7 +41,6 @@ from tether.trainers.reward import (
     PreferencePairs,
     RewardTrainer,
     final_norm,
-    init_score_head,
     reward_model_forward,
     right_pad,
     sample_policy_sequences,

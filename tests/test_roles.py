@@ -137,7 +137,7 @@ def test_adapters_save_and_load_to_identical_logprobs_and_values(tiny_dirs, tmp_
             assert torch.equal(a.values(ids, mask, length), b.values(ids, mask, length))
     # the reference did not move: adapters off is still the base
     with torch.no_grad(), fresh.roles.role("reference"):
-        from tether.rollout import response_logits
+        from tether.sampling import response_logits
 
         ref = response_logits(fresh.roles.causal_lm, ids, mask, length, pad)
     with torch.no_grad():
@@ -148,7 +148,7 @@ def test_merged_export_loads_with_plain_transformers(tiny_dirs, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from tether.cli import main
-    from tether.rollout import response_logits
+    from tether.sampling import response_logits
 
     trainer = make_trainer(tiny_dirs, tmp_path, arch="llama", reward_fn=f"{REWARDS}:text_length")
     trainer.step()

@@ -15,13 +15,8 @@ from tether.models import (
     reward_model_scores,
 )
 from tether.rewards import FunctionReward, ModelReward
-from tether.rollout import (
-    GenerationSettings,
-    collect_rollout,
-    filter_logits,
-    response_logprobs,
-    sample_responses,
-)
+from tether.rollout import collect_rollout
+from tether.sampling import GenerationSettings, filter_logits, response_logprobs, sample_responses
 from tether.tiny import build_tiny_causal_lm, build_tiny_reward_model, train_tokenizer, builtin_corpus
 
 
@@ -260,7 +255,7 @@ def test_a_reward_fn_file_may_define_dataclasses_and_never_shadows_an_installed_
 
 
 def test_the_truncation_gap_is_minus_the_log_of_the_policy_mass_the_sampler_keeps():
-    from tether.rollout import sample_next_token
+    from tether.sampling import sample_next_token
 
     logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]])  # pad id 4: never sampled, nor part of π
     gaps = []

@@ -101,7 +101,7 @@ def test_large_freed_blocks_go_back_to_the_os_unless_the_user_chose():
     """release_memory: glibc's dynamic mmap threshold fragments the heap with activation-sized
     blocks; a threshold the user set in the environment is theirs. (In a child process: the
     setting is process-wide and would slow the rest of the suite.)"""
-    code = "from tether.pipelines.ppo import return_freed_memory_to_os as f; print(f())"
+    code = "from tether.pipelines.stage import return_freed_memory_to_os as f; print(f())"
     env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
     applied = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env).stdout.strip()
     assert applied == ("True" if sys.platform == "linux" else "False")

@@ -11,28 +11,29 @@ import signal
 import sys
 import threading
 
-import importlib
+from tether import api, distributed
+from tether.checkpoint import CheckpointWriteError
+from tether.config import ConfigError, PPOConfig, RewardConfig, SFTConfig, _parse_override, describe_options, load_config
+from tether.doctor import diagnose_run, severity_rank
+from tether.lora import export_merged
+from tether.pipelines.demo import run_demo
+from tether.pipelines.demo_smollm2 import run_smollm2_demo
+from tether.report import build_report
+from tether.rewards import RewardError, RewardLoadError
+from tether.trainers.ppo import NonFiniteError, TrainingStopped
 
-from tether.config import ConfigError, PPOConfig, RewardConfig, SFTConfig, describe_options, load_config
-
-# stage -> (config class, runner "module:function", one-line help)
+# stage -> (config class, runner, one-line help)
 STAGES = {
-    "sft": (SFTConfig, "tether.pipelines.sft:run_sft",
-            "Supervised fine-tuning (or pretraining from scratch) of a causal LM."),
-    "reward": (RewardConfig, "tether.pipelines.reward:run_reward",
-               "Reward-model training on preference pairs (Bradley-Terry)."),
-    "ppo": (PPOConfig, "tether.pipelines.ppo:run_ppo",
-            "PPO fine-tuning of a policy against a reward model or function."),
+    "sft": (SFTConfig, api.sft, "Supervised fine-tuning (or pretraining from scratch) of a causal LM."),
+    "reward": (RewardConfig, api.reward, "Reward-model training on preference pairs (Bradley-Terry)."),
+    "ppo": (PPOConfig, api.ppo, "PPO fine-tuning of a policy against a reward model or function."),
 }
 
 
 def _run_stage(args: argparse.Namespace) -> int:
     cls, runner, _ = STAGES[args.command]
     cfg = load_config(cls, args.config, args.overrides)
-    module, _, name = runner.partition(":")
-    summary = getattr(importlib.import_module(module), name)(cfg)
-    from tether import distributed  # torch-heavy: imported only once a stage runs
-
+    summary = runner(cfg).metrics
     if distributed.is_main():  # under torchrun, once for the run
         print(f"done: {args.command}; {_headline(summary)}run directory {cfg.output_dir}")
     return 0
@@ -46,17 +47,12 @@ def _headline(summary) -> str:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from tether.report import build_report
-
     path = build_report(args.run_dir)
     print(f"report: {path}")
     return 0
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from tether.config import _parse_override
-    from tether.doctor import diagnose_run, severity_rank
-
     overrides = dict(_parse_override(item) for item in args.thresholds)
     findings = diagnose_run(args.run_dir, overrides)
     serious = [f for f in findings if severity_rank(f.severity) >= severity_rank("warning")]
@@ -68,24 +64,16 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from tether.lora import export_merged
-
     path = export_merged(args.adapter_dir, args.output_dir, overwrite=args.overwrite)
     print(f"merged model: {path} (loads with AutoModelForCausalLM.from_pretrained, no peft needed)")
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from tether.trainers.ppo import TrainingStopped
-
     try:
         if args.model == "smollm2":
-            from tether.pipelines.demo_smollm2 import run_smollm2_demo
-
             run_smollm2_demo(args.output_dir or "runs/demo-smollm2", fresh=args.fresh)
             return 0
-        from tether.pipelines.demo import run_demo
-
         run_demo(args.output_dir or "runs/demo", fresh=args.fresh)
         return 0
     except TrainingStopped as err:  # `tether demo` takes no resume=true: say how the demo goes on
@@ -150,10 +138,6 @@ def _raise_terminated(_signum, _frame) -> None:
 
 def failure(err: BaseException) -> tuple[int, str]:
     """(exit code, one-line message) for an expected failure; the message names the item and the fix."""
-    from tether.checkpoint import CheckpointWriteError
-    from tether.rewards import RewardError, RewardLoadError
-    from tether.trainers.ppo import NonFiniteError, TrainingStopped
-
     if isinstance(err, TrainingStopped):
         return err.exit_code, str(err)
     if isinstance(err, Terminated):
@@ -196,8 +180,6 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     debug = getattr(args, "debug", False) or os.environ.get("TETHER_DEBUG", "") not in ("", "0")
-    from tether import distributed
-
     if distributed.launched_rank() != 0:
         logging.getLogger().setLevel(logging.WARNING)  # under torchrun rank 0 speaks for the run
     handles_signals = threading.current_thread() is threading.main_thread()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import os
 import types
@@ -18,6 +19,10 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
+
+from tether.data import _looks_like_path
+from tether.doctor import thresholds_from  # the thresholds are declared beside the rules that use them
+from tether.precision import PrecisionError, precision_name
 
 
 class ConfigError(ValueError):
@@ -256,8 +261,6 @@ class PPOConfig:
             raise ConfigError("lora_rank is set but placement=separate trains full models; use placement=shared_base "
                               "for LoRA PPO (policy and critic adapters on one base)")
         if self.generation_backend == "vllm":  # what the pinned vLLM release cannot serve
-            from tether.generation import check_engine_settings
-
             check_engine_settings(self)
         _non_negative(self, "overlong_buffer", "overlong_penalty", "dynamic_sampling_max_rounds")
         if self.overlong_buffer > self.max_new_tokens:
@@ -269,9 +272,56 @@ class PPOConfig:
             raise ConfigError(f"log_with: unknown sink(s) {sorted(unknown)}; allowed: tensorboard, wandb")
 
 
-def _check_doctor(cfg: "PPOConfig") -> None:
-    from tether.doctor import thresholds_from  # the thresholds are declared beside the rules that use them
+# --- generation_backend=vllm: what the pinned release can serve, refused before anything loads ---
 
+VLLM_RELEASE = "0.33.0"  # the `tether[vllm]` pin; tether/generation.py is written against it
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm/config/lora.py MaxLoRARanks
+# Model classes registered without SupportsLoRA (vllm/model_executor/models/*.py): enable_lora fails
+# at engine start. Only families a tether user plausibly trains; vLLM refuses the others itself.
+VLLM_ARCHITECTURES_WITHOUT_LORA = ("GPT2LMHeadModel", "GPTJForCausalLM", "BloomForCausalLM", "FalconForCausalLM",
+                                   "StableLmForCausalLM")
+
+
+def engine_lora_rank(rank: int) -> int:
+    """vLLM's max_lora_rank for an adapter of `rank`: the smallest value it accepts that holds it
+    (the adapter keeps its own rank)."""
+    for allowed in VLLM_LORA_RANKS:
+        if rank <= allowed:
+            return allowed
+    raise ConfigError(f"lora_rank={rank}: vLLM {VLLM_RELEASE} serves LoRA adapters up to rank {VLLM_LORA_RANKS[-1]}; "
+                      f"set lora_rank <= {VLLM_LORA_RANKS[-1]}, or generation_backend=builtin")
+
+
+def check_engine_settings(cfg) -> None:
+    """generation_backend=vllm settings the pinned release cannot serve, refused before anything loads."""
+    if cfg.placement != "shared_base":
+        return
+    engine_lora_rank(cfg.lora_rank)
+    refused = [a for a in model_architectures(cfg.policy) if a in VLLM_ARCHITECTURES_WITHOUT_LORA]
+    if refused:
+        raise ConfigError(f"generation_backend=vllm with placement=shared_base samples with the policy adapter as a "
+                          f"LoRA, but vLLM {VLLM_RELEASE} has no LoRA support for {refused[0]} ({cfg.policy}); use "
+                          "placement=separate (the engine then receives the full weights) or "
+                          "generation_backend=builtin")
+
+
+def model_architectures(path: str) -> list[str]:
+    """The `architectures` a model's config.json names (empty when it cannot be read here)."""
+    config = Path(path) / "config.json"
+    if config.is_file():
+        return list(json.loads(config.read_text()).get("architectures") or [])
+    try:
+        from transformers import AutoConfig
+
+        return list(AutoConfig.from_pretrained(path).architectures or [])
+    except OSError:  # not found or offline: vLLM refuses an unsupported model itself when it starts
+        return []
+
+
+# --- shared checks ---------------------------------------------------------------------------
+
+
+def _check_doctor(cfg: "PPOConfig") -> None:
     if not isinstance(cfg.doctor, dict):
         raise ConfigError(f"doctor must be a mapping of threshold: value (e.g. {{flat_updates: 30}}), got {cfg.doctor!r}")
     try:
@@ -333,8 +383,6 @@ def _check_device(cfg: Any) -> None:
 
 def _check_precision(cfg: Any) -> None:
     """fp16-mixed, an unknown precision, or precision beside the old dtype key: refused before anything loads."""
-    from tether.precision import PrecisionError, precision_name
-
     try:
         precision_name(cfg.precision, cfg.dtype)
     except PrecisionError as err:
@@ -347,6 +395,17 @@ def _check_attention(cfg: Any) -> None:
                           "flash_attention_2")
 
 
+@dataclass
+class LoraSettings:
+    """The LoRA fields of a stage's config, as the adapters are built from them."""
+
+    rank: int = 16
+    alpha: float = 32.0
+    target_modules: list[str] = field(default_factory=list)  # empty: DEFAULT_TARGETS of the architecture
+    top_layers: int = 0  # adapters only on the top N transformer blocks (0 = all)
+    dropout: float = 0.0
+
+
 def _check_lora(cfg: Any) -> None:
     _non_negative(cfg, "lora_rank", "lora_layers")
     if cfg.lora_alpha <= 0:
@@ -357,8 +416,6 @@ def _check_lora(cfg: Any) -> None:
 
 def lora_settings(cfg: Any):
     """The LoRA fields of a stage's config as LoraSettings (None when lora_rank is 0)."""
-    from tether.lora import LoraSettings
-
     if not cfg.lora_rank:
         return None
     return LoraSettings(rank=cfg.lora_rank, alpha=cfg.lora_alpha, target_modules=list(cfg.lora_target_modules),
@@ -380,8 +437,6 @@ def _positive(cfg: Any, *keys: str) -> None:
 def _check_model_paths(cfg: Any, *keys: str) -> None:
     """A model given as a local path must exist (a hub id is left to the hub): a typo fails here, in
     one line, before anything loads."""
-    from tether.data import _looks_like_path
-
     for key in keys:
         value = getattr(cfg, key)
         if value is None or not isinstance(value, str):
@@ -575,7 +630,7 @@ def coerce(key: str, value: Any, hint: Any) -> Any:
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    return {f.name: getattr(cfg, f.name) for f in stage_fields(type(cfg))}
 
 
 def save_config(cfg: Any, path: Path) -> None:
@@ -586,7 +641,7 @@ def describe_options(cls: type) -> str:
     """Every option with its type, default and help, for `--help`."""
     hints = typing.get_type_hints(cls)
     lines = []
-    for f in dataclasses.fields(cls):
+    for f in stage_fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kind = _type_name(hints[f.name])
         lines.append(f"  {f.name}={default!r}  [{kind}]\n      {f.metadata.get('help', '')}")
@@ -605,7 +660,49 @@ def _type_name(hint: Any) -> str:
 
 
 @dataclass
-class SFTConfig:
+class StageRun:
+    """The run block `tether sft` and `tether reward` share, and its checks. A stage redeclares
+    output_dir (its default) and resume (what it restores); `stage_fields` lists the block last."""
+
+    output_dir: str = opt(None, "Run directory.")
+    save_every: int = opt(0, "Also save a checkpoint-N every N optimizer steps (0 = only final/).")
+    keep_checkpoints: int = opt(0, "Keep only the newest N checkpoint-* directories (0 = all).")
+    resume: bool = opt(False, "Continue the run in output_dir from its latest complete checkpoint-N.")
+    overwrite: bool = opt(False, "Replace the run already in output_dir: its config, logs and checkpoints are deleted, once every check before training has passed.")
+    seed: int = opt(0, "Random seed.")
+    progress: bool = opt(True, "Show a progress bar.")
+    num_threads: int = opt(0, "torch CPU threads (0 = number of cores).")
+
+    def __post_init__(self) -> None:
+        self.micro_batch_size = self.batch_size // max(self.gradient_accumulation_steps, 1)
+
+    def validate_run(self) -> None:
+        """What every stage checks the same way: optimiser counts, LoRA, precision, attention, device."""
+        _positive(self, "batch_size", "gradient_accumulation_steps", "eval_every")
+        _divisible(self, "batch_size", "gradient_accumulation_steps")
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        _non_negative(self, "warmup_steps", "num_threads", "weight_decay", "save_every", "keep_checkpoints")
+        _positive_if_set(self, "max_grad_norm")
+        _check_lora(self)
+        _check_precision(self)
+        _check_attention(self)
+        _check_device(self)
+
+
+RUN_BLOCK = tuple(f.name for f in dataclasses.fields(StageRun))
+
+
+def stage_fields(cls: type) -> list:
+    """A config's fields in reading order: the stage's own, then the run block (StageRun) last."""
+    fields = dataclasses.fields(cls)
+    if not issubclass(cls, StageRun):
+        return list(fields)
+    return [f for f in fields if f.name not in RUN_BLOCK] + [f for f in fields if f.name in RUN_BLOCK]
+
+
+@dataclass
+class SFTConfig(StageRun):
     # --- model ----------------------------------------------------------------
     model: Optional[str] = opt(None, "Model to fine-tune (path or hub id); null with init=scratch builds a new one.")
     init: Literal["pretrained", "scratch"] = opt("pretrained", "'scratch' builds a small model from arch/hidden/layers/heads.")
@@ -650,47 +747,30 @@ class SFTConfig:
     max_grad_norm: Optional[float] = opt(1.0, "Gradient clipping (null = off).")
     eval_every: int = opt(200, "Evaluate held-out loss every N steps (and at the end).")
 
-    # --- run ------------------------------------------------------------------
+    # --- run (StageRun: save_every, keep_checkpoints, overwrite, seed, progress, num_threads) ---
     output_dir: str = opt("runs/sft", "Run directory: config.yaml, metrics.jsonl and the model in save_pretrained format.")
-    save_every: int = opt(0, "Also save the model to output_dir/checkpoint-N every N steps (0 = only output_dir/final).")
-    keep_checkpoints: int = opt(0, "Keep only the newest N checkpoint-* directories (0 = all).")
     resume: bool = opt(False, "Continue the run in output_dir from its latest complete checkpoint-N (save_every), exactly: weights or adapter, optimizer, schedule, RNG streams, data position, metrics truncated to the checkpoint. Refused if the config differs from the run's, except keys safe to change (max_steps, max_seconds, save_every, keep_checkpoints, progress, num_threads).")
-    overwrite: bool = opt(False, "Replace the run already in output_dir: its config, logs and checkpoints are deleted, once every check before training has passed.")
-    seed: int = opt(0, "Random seed.")
-    progress: bool = opt(True, "Show a progress bar.")
-    num_threads: int = opt(0, "torch CPU threads (0 = number of cores).")
-
-    def __post_init__(self) -> None:
-        self.micro_batch_size = self.batch_size // max(self.gradient_accumulation_steps, 1)
 
     def validate(self) -> None:
         _require(self, "data")
         _check_model_paths(self, "model", "tokenizer")
         if self.init == "pretrained" and not self.model:
             raise ConfigError("model is required unless init=scratch (then arch/hidden/layers/heads define it)")
-        _positive(self, "batch_size", "gradient_accumulation_steps", "max_steps", "block_size", "eval_every",
-                  "vocab_size", "hidden", "layers", "heads")
-        _divisible(self, "batch_size", "gradient_accumulation_steps")
+        _positive(self, "max_steps", "block_size", "vocab_size", "hidden", "layers", "heads")
+        self.validate_run()
         _divisible(self, "hidden", "heads")
-        if not 0 <= self.eval_fraction < 1:
-            raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
-        _non_negative(self, "warmup_steps", "num_threads", "weight_decay", "save_every", "keep_checkpoints")
-        _positive_if_set(self, "max_grad_norm", "max_seconds")
-        _check_lora(self)
-        _check_precision(self)
-        _check_attention(self)
-        _check_device(self)
+        _positive_if_set(self, "max_seconds")
         if self.lora_rank and self.init == "scratch":
             raise ConfigError("lora_rank needs a pretrained model to adapt; with init=scratch train every weight "
                               "(lora_rank=0)")
 
 
 @dataclass
-class RewardConfig:
+class RewardConfig(StageRun):
     # --- model ----------------------------------------------------------------
     model: str = opt(None, "Backbone to start from, e.g. an SFT checkpoint (required); a scalar head is added.")
     tokenizer: Optional[str] = opt(None, "Tokenizer path; default: the model's.")
@@ -735,35 +815,17 @@ class RewardConfig:
     normalize_max_new_tokens: int = opt(32, "Response length for normalisation samples.")
     normalize_temperature: float = opt(1.0, "Sampling temperature for normalisation samples (use PPO's).")
 
-    # --- run ------------------------------------------------------------------
+    # --- run (StageRun: save_every, keep_checkpoints, overwrite, seed, progress, num_threads) ---
     output_dir: str = opt("runs/reward", "Run directory: config.yaml, metrics.jsonl and the model (AutoModelForSequenceClassification).")
-    save_every: int = opt(0, "Save a checkpoint-N every N optimizer steps (0 = only final/).")
-    keep_checkpoints: int = opt(0, "Keep only the newest N checkpoint-* directories (0 = all).")
     resume: bool = opt(False, "Continue the run in output_dir from its latest complete checkpoint-N (save_every), exactly: weights or adapter and head, optimizer, schedule, RNG streams, data order, metrics truncated to the checkpoint. Refused if the config differs from the run's, except keys safe to change (save_every, keep_checkpoints, progress, num_threads).")
-    overwrite: bool = opt(False, "Replace the run already in output_dir: its config, logs and checkpoints are deleted, once every check before training has passed.")
-    seed: int = opt(0, "Random seed.")
-    progress: bool = opt(True, "Show a progress bar.")
-    num_threads: int = opt(0, "torch CPU threads (0 = number of cores).")
-
-    def __post_init__(self) -> None:
-        self.micro_batch_size = self.batch_size // max(self.gradient_accumulation_steps, 1)
 
     def validate(self) -> None:
         _require(self, "model", "data")
         _check_model_paths(self, "model", "tokenizer", "normalize_policy")
-        _positive(self, "batch_size", "gradient_accumulation_steps", "max_length", "eval_every", "normalize_samples",
-                  "normalize_max_new_tokens")
-        _divisible(self, "batch_size", "gradient_accumulation_steps")
+        _positive(self, "max_length", "normalize_samples", "normalize_max_new_tokens")
         if self.epochs <= 0 or self.learning_rate <= 0:
             raise ConfigError(f"epochs and learning_rate must be > 0, got {self.epochs}, {self.learning_rate}")
-        if not 0 <= self.eval_fraction < 1:
-            raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if (self.normalize_policy is None) != (self.normalize_prompts is None):
             raise ConfigError("normalize_policy and normalize_prompts go together: set both or neither")
-        _non_negative(self, "warmup_steps", "num_threads", "weight_decay", "trunk_cache_mb", "save_every",
-                      "keep_checkpoints")
-        _positive_if_set(self, "max_grad_norm")
-        _check_lora(self)
-        _check_precision(self)
-        _check_attention(self)
-        _check_device(self)
+        _non_negative(self, "trunk_cache_mb")
+        self.validate_run()

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
+from tether.report import fit_gao_rl  # numpy only; the report module draws lazily
 from tether.text_health import phrase_shares, phrase_within, spreading_phrases
 
 SEVERITIES = ("info", "warning", "critical")
@@ -435,8 +436,6 @@ def _window_mean_variance(rows: list[dict]) -> float:
 
 
 def _past_gold_peak(h: History) -> Optional[Diagnosis]:
-    from tether.report import fit_gao_rl  # numpy only; the report module draws lazily
-
     points = [(r["update"], _number(r.get("eval/kl")), _number(r.get("eval/gold"))) for r in h.evals]
     points = [(u, kl, gold) for u, kl, gold in points if kl is not None and gold is not None]
     if len(points) < 4:  # the start and at least 3 with KL > 0

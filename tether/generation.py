@@ -18,7 +18,6 @@ against a stand-in with the release's signatures (DESIGN §8: an engine is a gue
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -30,11 +29,15 @@ from typing import Any, Optional, Protocol
 import torch
 from torch import Tensor
 
+from tether import distributed
+from tether.config import VLLM_RELEASE, engine_lora_rank
+from tether.sampling import truncates
+from tether.sharding import whole_state
+
 log = logging.getLogger(__name__)
 
 # --- what tether asks of vLLM 0.33.0 (checked by tools/check_vllm_standin.py) -------------------
 
-VLLM_RELEASE = "0.33.0"
 # LLM(...): its own parameters, the rest go to EngineArgs (vllm/entrypoints/llm.py, vllm/engine/arg_utils.py).
 LLM_KEYWORDS = ("model", "tokenizer", "dtype", "seed", "tensor_parallel_size", "distributed_executor_backend",
                 "gpu_memory_utilization", "max_model_len", "enable_prefix_caching", "enable_lora", "max_lora_rank",
@@ -57,11 +60,6 @@ IN_PROCESS_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"  # "0": EngineCore stays in th
 # Log-probs after temperature, top-k/top-p and logit bias: the distribution actually sampled
 # (vllm/config/model.py LogprobsMode; the default, raw_logprobs, is before temperature).
 LOGPROBS_MODE = "processed_logprobs"
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm/config/lora.py MaxLoRARanks
-# Model classes registered without SupportsLoRA (vllm/model_executor/models/*.py): enable_lora fails
-# at engine start. Only families a tether user plausibly trains; vLLM refuses the others itself.
-VLLM_ARCHITECTURES_WITHOUT_LORA = ("GPT2LMHeadModel", "GPTJForCausalLM", "BloomForCausalLM", "FalconForCausalLM",
-                                   "StableLmForCausalLM")
 # Level 1 offloads the engine's weights to CPU and drops its KV cache; level 2 would discard the
 # weights (vllm/v1/worker/gpu_worker.py sleep), which only a push right after waking could refill:
 # chunked rollouts, dynamic-sampling rounds and skipped updates generate again without one.
@@ -111,8 +109,6 @@ class BuiltinSampler:
         self.gap_sum, self.gap_tokens = 0.0, 0
 
     def generate(self, roles, prompt_ids, prompt_mask, settings, tokenizer) -> Generation:
-        from tether.rollout import truncates
-
         gaps = [] if truncates(settings) else None
         generation = Generation(*roles.sample(prompt_ids, prompt_mask, settings, tokenizer, gaps=gaps))
         if gaps:
@@ -205,8 +201,6 @@ class VLLMBackend:
                                "its cached KV was computed with the previous policy")
 
     def _push_full_weights(self, roles) -> None:
-        from tether.sharding import whole_state
-
         weights = whole_state(roles.policy) or roles.policy.state_dict()  # FSDP2: the engine takes whole tensors
         weights = engine_vocabulary_rows(weights, roles.policy.get_input_embeddings().num_embeddings, self.vocab_size)
         self._call("apply_model", func=weight_loader(weights))
@@ -291,8 +285,6 @@ def place_engine_on_this_rank() -> int:
     process group or makes one with env:// (vllm/v1/executor/uniproc_executor.py _distributed_args,
     distributed/parallel_state.py); each torchrun rank is then an engine of tensor parallel 1. One
     process outside torchrun gets the variables of a world of one."""
-    from tether import distributed
-
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
@@ -320,46 +312,6 @@ def engine_dtype(cfg) -> str:
     if precision in ENGINE_DTYPES:
         return ENGINE_DTYPES[precision]
     return getattr(cfg, "dtype", None) or "float32"
-
-
-def engine_lora_rank(rank: int) -> int:
-    """vLLM's max_lora_rank for an adapter of `rank`: the smallest value it accepts that holds it
-    (the adapter keeps its own rank)."""
-    from tether.config import ConfigError
-
-    for allowed in VLLM_LORA_RANKS:
-        if rank <= allowed:
-            return allowed
-    raise ConfigError(f"lora_rank={rank}: vLLM {VLLM_RELEASE} serves LoRA adapters up to rank {VLLM_LORA_RANKS[-1]}; "
-                      f"set lora_rank <= {VLLM_LORA_RANKS[-1]}, or generation_backend=builtin")
-
-
-def check_engine_settings(cfg) -> None:
-    """generation_backend=vllm settings the pinned release cannot serve, refused before anything loads."""
-    from tether.config import ConfigError
-
-    if cfg.placement != "shared_base":
-        return
-    engine_lora_rank(cfg.lora_rank)
-    refused = [a for a in model_architectures(cfg.policy) if a in VLLM_ARCHITECTURES_WITHOUT_LORA]
-    if refused:
-        raise ConfigError(f"generation_backend=vllm with placement=shared_base samples with the policy adapter as a "
-                          f"LoRA, but vLLM {VLLM_RELEASE} has no LoRA support for {refused[0]} ({cfg.policy}); use "
-                          "placement=separate (the engine then receives the full weights) or "
-                          "generation_backend=builtin")
-
-
-def model_architectures(path: str) -> list[str]:
-    """The `architectures` a model's config.json names (empty when it cannot be read here)."""
-    config = Path(path) / "config.json"
-    if config.is_file():
-        return list(json.loads(config.read_text()).get("architectures") or [])
-    try:
-        from transformers import AutoConfig
-
-        return list(AutoConfig.from_pretrained(path).architectures or [])
-    except OSError:  # not found or offline: vLLM refuses an unsupported model itself when it starts
-        return []
 
 
 def model_vocab_size(path: str) -> int:

@@ -13,12 +13,14 @@ import json
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import nn
+
+from tether.config import LoraSettings
+from tether.models import decoder_layers, init_score_head, layer_list_name, load_causal_lm
 
 log = logging.getLogger(__name__)
 
@@ -35,40 +37,10 @@ DEFAULT_TARGETS = {
     "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
     "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
 }
-# The ModuleList holding the transformer blocks, by attribute name.
-LAYER_LISTS = ("layers", "h", "blocks")
 
 
 class LoraError(ValueError):
     """A LoRA setting that cannot work with this model; the message says what would."""
-
-
-@dataclass
-class LoraSettings:
-    rank: int = 16
-    alpha: float = 32.0
-    target_modules: list[str] = field(default_factory=list)  # empty: DEFAULT_TARGETS of the architecture
-    top_layers: int = 0  # adapters only on the top N transformer blocks (0 = all)
-    dropout: float = 0.0
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The transformer blocks of a causal LM, sequence-classification model or bare backbone."""
-    for module in model.modules():
-        for name in LAYER_LISTS:
-            layers = getattr(module, name, None)
-            if isinstance(layers, nn.ModuleList) and len(layers) > 0:
-                return layers
-    raise LoraError(f"cannot find the transformer blocks of {type(model).__name__} (looked for {LAYER_LISTS})")
-
-
-def layer_list_name(model: nn.Module) -> str:
-    layers = decoder_layers(model)
-    for module in model.modules():
-        for name in LAYER_LISTS:
-            if getattr(module, name, None) is layers:
-                return name
-    raise AssertionError("unreachable")
 
 
 def linear_module_names(model: nn.Module) -> list[str]:
@@ -153,8 +125,6 @@ def save_adapter(peft_model, adapter: str, path, state_dict: Optional[dict] = No
 
 def load_merged_causal_lm(path: str, dtype: torch.dtype = torch.float32):
     """A causal LM from a full model directory, or from an adapter directory merged into its base."""
-    from tether.models import load_causal_lm
-
     if not is_adapter_dir(path):
         return load_causal_lm(path, dtype)
     from peft import PeftModel
@@ -282,8 +252,6 @@ def require_full_model(path: str, what: str) -> None:
 def build_lora_reward_model(base, settings: LoraSettings, head_dtype: Optional[torch.dtype] = None) -> LoraRewardModel:
     """A fresh reward adapter (B = 0) and head N(0, 1/sqrt(d+1)), bias 0 (N-details item 6) on `base`;
     the head in `head_dtype` (the trainable dtype: fp32 over a bf16 base under bf16-mixed)."""
-    from tether.trainers.reward import init_score_head
-
     peft_model = add_lora(base, settings, adapter="reward")
     head = nn.Linear(base.config.get_text_config().hidden_size, 1).to(head_dtype or base.dtype)
     init_score_head(head)
@@ -304,8 +272,6 @@ def load_score_head(path, hidden: int, dtype: torch.dtype) -> nn.Linear:
 def load_lora_reward_model(path: str, dtype: torch.dtype = torch.float32) -> LoraRewardModel:
     """A LoRA reward model written by `tether reward lora_rank=...`, on its base from disk."""
     from peft import PeftModel
-
-    from tether.models import load_causal_lm
 
     base = load_causal_lm(adapter_base_path(path), dtype)
     peft_model = PeftModel.from_pretrained(base, path, adapter_name="reward")

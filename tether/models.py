@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+import math
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -228,6 +229,47 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+# --- architecture helpers ----------------------------------------------------------
+
+LAYER_LISTS = ("layers", "h", "blocks")  # where the transformer blocks live: Llama/Qwen/Mistral, GPT-2, others
+
+
+class ArchitectureError(ValueError):
+    """A model whose layout tether cannot find its way around; the message says what it looked for."""
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The transformer blocks of a causal LM, sequence-classification model or bare backbone."""
+    for module in model.modules():
+        for name in LAYER_LISTS:
+            layers = getattr(module, name, None)
+            if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+                return layers
+    raise ArchitectureError(f"cannot find the transformer blocks of {type(model).__name__} (looked for {LAYER_LISTS})")
+
+
+def layer_list_name(model: nn.Module) -> str:
+    layers = decoder_layers(model)
+    for module in model.modules():
+        for name in LAYER_LISTS:
+            if getattr(module, name, None) is layers:
+                return name
+    raise AssertionError("unreachable")
+
+
+def init_score_head(head: nn.Linear, generator: Optional[torch.Generator] = None) -> None:
+    """Weights ~ N(0, 1/sqrt(d_model + 1)), bias 0 (N-details item 6; lm-human-preferences).
+
+    With unit-scale features the initial scores then have std about 1, so the first
+    Bradley-Terry gradients are neither vanishing nor saturated.
+    """
+    d_model = head.weight.shape[1]
+    with torch.no_grad():
+        head.weight.normal_(0.0, 1.0 / math.sqrt(d_model + 1), generator=generator)
+        if head.bias is not None:
+            head.bias.zero_()
+
+
 # --- frozen lower blocks, computed once for every role ----------------------------
 
 
@@ -235,8 +277,6 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
 def capture_block_input(model: nn.Module, index: int):
     """Yields a dict whose "hidden" becomes the (B, L, H) input of transformer block `index`
     during the next forward pass of `model`."""
-    from tether.lora import decoder_layers
-
     captured: dict = {}
 
     def hook(_module, args, kwargs):
@@ -257,8 +297,6 @@ class _StopForward(Exception):
 def lower_blocks_output(backbone: nn.Module, index: int, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     """(B, L, H) input of transformer block `index` of `backbone` (a bare transformer, e.g. a causal
     LM's `.base_model`): the blocks below it are run, the ones from `index` on are not."""
-    from tether.lora import decoder_layers
-
     def stop(_module, _args, _kwargs):
         raise _StopForward
 
@@ -277,8 +315,6 @@ def lower_blocks_output(backbone: nn.Module, index: int, input_ids: Tensor, atte
 def start_at_block(model: nn.Module, index: int, hidden: Tensor):
     """Run only blocks `index`.. of `model`, fed `hidden` (B, L, H) as their input: blocks below
     `index` are skipped. Embeddings, positions and the attention mask are still built as usual."""
-    from tether.lora import decoder_layers, layer_list_name
-
     layers = decoder_layers(model)
     name = layer_list_name(model)
     owner = next(m for m in model.modules() if getattr(m, name, None) is layers)
@@ -358,16 +394,9 @@ def load_value_model(path: str, dtype: torch.dtype = torch.float32, head_from_re
     """Critic from a policy, a reward model, or a saved critic (with value_head.safetensors).
 
     Initialising from the reward model copies its score head too (N+ details; InstructGPT).
+    A LoRA reward model's critic is built in tether/placement.py.
     """
     head_file = Path(path) / VALUE_HEAD_FILE
-    from tether.lora import is_lora_reward_dir
-
-    if head_from_reward and is_lora_reward_dir(path):
-        # A LoRA reward model: its adapter merged into a backbone of the critic's own, its head copied.
-        reward_model = load_reward_model(path, dtype)
-        critic = ValueModel(reward_model.peft.merge_and_unload().base_model)
-        critic.value_head.load_state_dict(reward_model.score.state_dict())
-        return critic.to(dtype)
     if head_from_reward and not head_file.is_file():
         # One load gives backbone and score head; loading the backbone alone would report the head as unused.
         reward_model = load_reward_model(path, dtype)
@@ -390,13 +419,9 @@ def load_value_model(path: str, dtype: torch.dtype = torch.float32, head_from_re
 
 
 def load_reward_model(path: str, dtype: torch.dtype = torch.float32):
-    """A reward model: AutoModelForSequenceClassification with one label, or a LoRA reward model."""
+    """A full reward model: AutoModelForSequenceClassification with one label (a LoRA reward
+    model, or either kind: `tether.placement.load_reward_model`)."""
     from transformers import AutoModelForSequenceClassification
-
-    from tether.lora import is_lora_reward_dir, load_lora_reward_model
-
-    if is_lora_reward_dir(path):
-        return load_lora_reward_model(path, dtype)
 
     model = use_fused_kernels(AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype))
     if model.config.num_labels != 1:

@@ -43,6 +43,10 @@ from tether.models import (
     position_ids_from_mask,
     start_at_block,
 )
+from tether.lora import adapter_layers, load_adapter_weights, save_adapter
+from tether.rewards import RewardError
+from tether.sampling import response_logits, sample_responses
+from tether.sharding import shard, whole_state, whole_weights
 
 log = logging.getLogger(__name__)
 
@@ -144,9 +148,6 @@ class SeparateRoles:
         self.generation_model = policy
 
     def sample(self, prompt_ids, prompt_mask, settings, tokenizer, gaps=None):
-        from tether.rollout import sample_responses
-        from tether.sharding import whole_weights
-
         with whole_weights(self.policy):  # a sharded policy gathers once per rollout, not once per token
             return sample_responses(self.policy, prompt_ids, prompt_mask, settings, tokenizer, gaps)
 
@@ -170,8 +171,6 @@ class SeparateRoles:
 
     @staticmethod
     def _logits(model, input_ids, attention_mask, response_length, pad_id):
-        from tether.rollout import response_logits
-
         return response_logits(model, input_ids, attention_mask, response_length, pad_id)
 
     def policy_logits(self, input_ids, attention_mask, response_length, pad_id, trunk=None):
@@ -201,8 +200,6 @@ class SeparateRoles:
                 model.eval()
 
     def shard(self, frozen: bool, compute_dtype: Optional[torch.dtype] = None) -> None:
-        from tether.sharding import shard
-
         shard(self.policy, compute_dtype=compute_dtype)
         if self.critic is not None:
             shard(self.critic, compute_dtype=compute_dtype)
@@ -214,8 +211,6 @@ class SeparateRoles:
 
     def save(self, path, tokenizer, state=None, tensors=None, write=True) -> Path:
         """Policy in plain transformers format at `path`, the critic in `path/critic`."""
-        from tether.sharding import whole_state
-
         policy = whole_state(self.policy)  # None unless sharded
         critic = whole_state(self.critic) if self.critic is not None else None
         if write:
@@ -250,8 +245,6 @@ class SharedBaseRoles:
 
     def __init__(self, model, value_head: Optional[nn.Linear], reward_head: Optional[nn.Linear] = None, reward=None,
                  reward_eos: Optional[tuple[list[int], int, int]] = None):
-        from tether.lora import adapter_layers
-
         if (reward_head is None) == (reward is None):
             raise ValueError("SharedBaseRoles needs exactly one reward: a reward adapter with its head, or a source")
         self.model, self.value_head, self.reward_head, self.reward = model, value_head, reward_head, reward
@@ -313,9 +306,6 @@ class SharedBaseRoles:
     # --- the Roles protocol ---
 
     def sample(self, prompt_ids, prompt_mask, settings, tokenizer, gaps=None):
-        from tether.rollout import sample_responses
-        from tether.sharding import whole_weights
-
         with self.role("policy"), whole_weights(self.causal_lm):
             return sample_responses(self.causal_lm, prompt_ids, prompt_mask, settings, tokenizer, gaps)
 
@@ -345,8 +335,6 @@ class SharedBaseRoles:
         return SequenceScores(policy, reference, values, scores, trunk)
 
     def _logits(self, input_ids, attention_mask, response_length, pad_id, trunk):
-        from tether.rollout import response_logits
-
         with self._from_trunk(trunk, input_ids.shape[1]):
             return response_logits(self.causal_lm, input_ids, attention_mask, response_length, pad_id)
 
@@ -360,8 +348,6 @@ class SharedBaseRoles:
         pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
         scores = self.reward_head(pooled.to(self.reward_head.weight.dtype)).squeeze(-1).float()
         if not torch.isfinite(scores).all():
-            from tether.rewards import RewardError
-
             bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
             raise RewardError(f"reward adapter produced a non-finite score for item {bad[0]}")
         return scores
@@ -402,8 +388,6 @@ class SharedBaseRoles:
     def shard(self, frozen: bool, compute_dtype: Optional[torch.dtype] = None) -> None:
         """The base's blocks (LoRA weights inside them included); embeddings, final norm and head stay
         whole: the trunk and the critic reach into the base past its outer module (tether/sharding.py)."""
-        from tether.sharding import shard
-
         # bf16-mixed: one gather dtype for the bf16 base and its fp32 adapters inside each block
         shard(self.causal_lm, root=False, compute_dtype=compute_dtype)
         if frozen and isinstance(getattr(self.reward, "model", None), nn.Module):
@@ -423,22 +407,16 @@ class SharedBaseRoles:
 
     def _adapter_state(self, adapter: str) -> Optional[dict]:
         """One adapter's weights gathered whole when sharded (every rank), else None."""
-        from tether.sharding import whole_state
-
         return whole_state(self.model, keep=lambda name: "lora_" in name and f".{adapter}." in name)
 
     def policy_adapter(self, path) -> Path:
         """Only the policy adapter, in peft format, at `path` (what a generation engine on the same base needs)."""
-        from tether.lora import save_adapter
-
         save_adapter(self.model, "policy", path, self._adapter_state("policy"))
         return Path(path)
 
     def load(self, path) -> None:
         """Policy and critic adapters and the value head from a directory `save` wrote."""
         from safetensors.torch import load_file
-
-        from tether.lora import load_adapter_weights
 
         path = Path(path)
         load_adapter_weights(self.model, "policy", path)
@@ -456,8 +434,6 @@ class _AdapterWriter:
 
     def save_pretrained(self, path, **_kwargs) -> None:
         from safetensors.torch import save_file
-
-        from tether.lora import save_adapter
 
         save_adapter(self.roles.model, self.adapter, path, self.state)
         if self.adapter == "critic":

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from tether.precision import LEGACY_DTYPES
+
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".tether.lock"
@@ -153,8 +155,6 @@ def changed_keys(saved: dict[str, Any], current: dict[str, Any], defaults: Optio
 
 def with_precision(saved: dict[str, Any]) -> dict[str, Any]:
     """A config written before `precision` replaced `dtype`, as it would be written now."""
-    from tether.precision import LEGACY_DTYPES
-
     if "precision" in saved or "dtype" not in saved:
         return saved
     return {**saved, "precision": LEGACY_DTYPES.get(saved["dtype"], saved["dtype"]), "dtype": None}

@@ -24,6 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from tether import config as limits  # noqa: E402  (the release pin and what it serves)
 from tether import generation as backend  # noqa: E402  (torch only; vLLM is never imported)
 
 STAND_IN = REPO / "tests" / "test_generation.py"
@@ -148,7 +149,7 @@ class Report:
 def check_release(src: Source, report: Report) -> None:
     version = assigned_value(src.module("vllm._version"), "__version__")
     found = getattr(version, "value", None)
-    report.expect(found == backend.VLLM_RELEASE, f"release {backend.VLLM_RELEASE}", f"source says {found}")
+    report.expect(found == limits.VLLM_RELEASE, f"release {limits.VLLM_RELEASE}", f"source says {found}")
 
 
 def check_llm(src: Source, report: Report) -> None:
@@ -177,7 +178,7 @@ def check_requests(src: Source, report: Report) -> None:
 
 def check_values(src: Source, report: Report) -> None:
     ranks = literal_values(src.module("vllm.config.lora"), "MaxLoRARanks")
-    report.expect(ranks == backend.VLLM_LORA_RANKS, f"max_lora_rank values {backend.VLLM_LORA_RANKS}",
+    report.expect(ranks == limits.VLLM_LORA_RANKS, f"max_lora_rank values {limits.VLLM_LORA_RANKS}",
                   f"vllm/config/lora.py says {ranks}")
     modes = literal_values(src.module("vllm.config.model"), "LogprobsMode")
     report.expect(backend.LOGPROBS_MODE in modes, f"logprobs_mode={backend.LOGPROBS_MODE!r}", f"{modes}")
@@ -202,7 +203,7 @@ def check_lora_support(src: Source, report: Report) -> None:
         return src.supports_lora(f"vllm.model_executor.models.{module}", cls)
 
     report.expect(LORA_CONTROL in registry and supports(LORA_CONTROL), f"{LORA_CONTROL} supports LoRA (control)")
-    for arch in backend.VLLM_ARCHITECTURES_WITHOUT_LORA:
+    for arch in limits.VLLM_ARCHITECTURES_WITHOUT_LORA:
         report.expect(arch in registry and not supports(arch), f"{arch} registered without SupportsLoRA")
 
 
@@ -245,13 +246,13 @@ def main(argv: list[str]) -> int:
     stand_in = Path(argv[2]) if len(argv) > 2 else STAND_IN
     src = Source(root)
     if src.module("vllm.entrypoints.llm") is None:
-        print(f"no vLLM source under {root}: unpack the vllm=={backend.VLLM_RELEASE} wheel there (see this file)")
+        print(f"no vLLM source under {root}: unpack the vllm=={limits.VLLM_RELEASE} wheel there (see this file)")
         return 2
     report = Report()
     for check in (check_release, check_llm, check_requests, check_values, check_lora_support, check_the_checker):
         check(src, report)
     check_stand_in(src, report, stand_in)
-    print(f"{report.checks} checks against vLLM {backend.VLLM_RELEASE} at {src.root}: {report.missing} missing")
+    print(f"{report.checks} checks against vLLM {limits.VLLM_RELEASE} at {src.root}: {report.missing} missing")
     return 1 if report.missing else 0
 
 

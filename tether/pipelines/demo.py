@@ -30,6 +30,16 @@ from typing import Optional
 import torch
 
 from tether.config import PPOConfig, RewardConfig, SFTConfig, config_from_dict
+from tether.data import left_pad
+from tether.models import disable_dropout, eos_token_ids, load_causal_lm, load_tokenizer
+from tether.pipelines.demo_corpus import build_corpus, prompt_openings
+from tether.pipelines.ppo import build_ppo_trainer
+from tether.pipelines.reward import run_reward
+from tether.pipelines.sft import run_sft
+from tether.pipelines.stage import set_threads
+from tether.report import build_report
+from tether.sampling import GenerationSettings, sample_responses
+from tether.text_health import phrase_shares, spreading_phrases
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +103,6 @@ class DemoSettings:
 
 def stage_corpus(run: Path) -> dict[str, Path]:
     """SFT text, prompt openings for preferences/PPO, and held-out eval prompts (JSONL files)."""
-    from tether.pipelines.demo_corpus import build_corpus, prompt_openings
-
     files = {name: run / "data" / f"{name}.jsonl" for name in ("sft_text", "prompts", "eval_prompts")}
     if all(f.is_file() for f in files.values()):
         return files
@@ -107,8 +115,6 @@ def stage_corpus(run: Path) -> dict[str, Path]:
 
 
 def stage_sft(run: Path, files: dict[str, Path], settings: DemoSettings) -> dict:
-    from tether.pipelines.sft import run_sft
-
     out = run / "sft"
     inputs = {"sft": settings.sft}
     if not _cached("SFT model", out / DONE, inputs):
@@ -171,10 +177,6 @@ def sample_ids(policy, tokenizer, prompt_ids: list[list[int]], per_prompt: int, 
 
     With `seed` the samples do not depend on what consumed the random stream before (a run
     that converts its base model, or one that finds it cached)."""
-    from tether.data import left_pad
-    from tether.models import eos_token_ids
-    from tether.rollout import GenerationSettings, sample_responses
-
     settings = GenerationSettings(max_new_tokens=max_new_tokens, eos_ids=eos_token_ids(tokenizer, policy),
                                   pad_id=tokenizer.pad_token_id, temperature=temperature)
     repeated = [p for p in prompt_ids for _ in range(per_prompt)]
@@ -189,8 +191,6 @@ def sample_ids(policy, tokenizer, prompt_ids: list[list[int]], per_prompt: int, 
 
 
 def stage_reward(run: Path, files: dict[str, Path], settings: DemoSettings) -> dict:
-    from tether.pipelines.reward import run_reward
-
     out = run / "reward"
     inputs = {"preferences": _stage_id(run / "preferences.done"), "reward": settings.reward,
               "normalize_temperature": settings.ppo["temperature"]}
@@ -206,8 +206,6 @@ def stage_reward(run: Path, files: dict[str, Path], settings: DemoSettings) -> d
 
 
 def stage_ppo(run: Path, files: dict[str, Path], settings: DemoSettings):
-    from tether.pipelines.ppo import build_ppo_trainer
-
     out = run / "ppo"
     _clear(out)  # PPO is the main job: always rerun
     cfg = config_from_dict(PPOConfig, dict(
@@ -225,9 +223,6 @@ def stage_ppo(run: Path, files: dict[str, Path], settings: DemoSettings):
 
 def run_demo(output_dir: str | Path = "runs/demo", fresh: bool = False,
              settings: Optional[DemoSettings] = None) -> dict[str, float]:
-    from tether.pipelines.ppo import set_threads
-    from tether.report import build_report
-
     settings = settings or DemoSettings()
     run = Path(output_dir)
     claim_demo_dir(run, fresh)
@@ -241,9 +236,15 @@ def run_demo(output_dir: str | Path = "runs/demo", fresh: bool = False,
                     "4/5 reward model: Bradley-Terry on the preference pairs")
     trainer = _timed(timings, "ppo", lambda: stage_ppo(run, files, settings), "5/5 PPO against the proxy reward model")
     summary = summarize(run / "ppo", sft, prefs, reward, timings, time.perf_counter() - start)
+    return finish_demo(run, trainer, summary, "tether demo: SFT -> reward model -> PPO")
+
+
+def finish_demo(run: Path, trainer, summary: dict, title: str) -> dict:
+    """Every demo ends the same way: the phrase that spread most, report.html, the printed summary
+    and summary.json."""
     summary["phrase that spread most (held-out responses)"] = most_spread_phrase(
         trainer.first_eval["responses"], trainer.last_eval["responses"])
-    build_report(run / "ppo", extra=summary, title="tether demo: SFT -> reward model -> PPO")
+    build_report(run / "ppo", extra=summary, title=title)
     print_summary(summary, run / "ppo" / "report.html")
     (run / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -285,8 +286,6 @@ def held_out_before_after(rows: list[dict]) -> dict:
 
 def most_spread_phrase(before: list[str], after: list[str]) -> str:
     """What the policy learned to say: the phrase whose share of responses rose the most."""
-    from tether.text_health import phrase_shares, spreading_phrases
-
     spread = spreading_phrases(phrase_shares(before), phrase_shares(after), min_share=0.1, min_rise=0.05, top=1)
     if not spread:
         return "none (no phrase rose by 5 points to 10% of responses)"
@@ -381,8 +380,6 @@ def _empty(run: Path) -> None:
 
 
 def _load_policy(path: Path):
-    from tether.models import disable_dropout, load_causal_lm, load_tokenizer
-
     tokenizer = load_tokenizer(str(path))
     policy = load_causal_lm(str(path)).eval()
     disable_dropout(policy)

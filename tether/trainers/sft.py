@@ -12,6 +12,7 @@ from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from tether import distributed
 from tether.algo import lm_loss
@@ -21,8 +22,7 @@ from tether.data import BlockSampler
 from tether.models import position_ids_from_mask
 from tether.precision import FP32, Precision
 from tether.tracking import JsonlSink
-from tether.trainers import adamw, clip_grad_norm
-from tether.trainers.ppo import NonFiniteError, lr_lambda
+from tether.trainers import adamw, check_finite, clip_and_step, lr_lambda
 
 
 def block_loss(model: nn.Module, blocks: Tensor, num_tokens: Optional[float] = None):
@@ -70,8 +70,6 @@ class SFTTrainer:
 
     def train(self) -> dict[str, float]:
         """Train until max_steps or max_seconds; evaluate every eval_every steps and at the end."""
-        from tqdm.auto import tqdm
-
         cfg = self.cfg
         start = time.perf_counter()
         self.model.train()
@@ -104,18 +102,14 @@ class SFTTrainer:
         for micro in blocks.split(cfg.micro_batch_size // distributed.world_size()):
             with self.precision.forward_context(self.device):
                 loss, _ = block_loss(self.model, micro, num_tokens=num_tokens)
-            if distributed.any_rank(not torch.isfinite(loss)):
-                self.optimizer.zero_grad(set_to_none=True)
-                raise NonFiniteError(f"non-finite SFT loss at step {self.step_count}; lower learning_rate")
+            check_finite([("SFT loss", loss)], f"non-finite SFT loss at step {self.step_count}; lower learning_rate",
+                         [self.optimizer])
             loss.backward()
             total += loss.item()
         total = distributed.sum_floats([total])[0]
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        distributed.sum_gradients(params)
-        norm = clip_grad_norm(params, cfg.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        norm = clip_and_step(self.optimizer, self.scheduler, [p for p in self.model.parameters() if p.grad is not None],
+                             cfg.max_grad_norm, f"non-finite SFT gradient norm at step {self.step_count}; lower "
+                             "learning_rate")
         self.step_count += 1
         return {"train/loss": total, "train/grad_norm": norm, "train/lr": self.scheduler.get_last_lr()[0]}
 
