@@ -681,7 +681,7 @@ def test_a_lone_surrogate_and_a_chat_template_that_raises_name_their_record(tiny
 
 
 def test_an_interrupted_demo_says_to_rerun_it_not_to_resume(monkeypatch, tmp_path, capsys):
-    import tether.pipelines.demo as demo
+    import tether.cli as cli
     from tether.trainers.ppo import TrainingStopped
 
     def stopped(output_dir, fresh=False):
@@ -689,7 +689,7 @@ def test_an_interrupted_demo_says_to_rerun_it_not_to_resume(monkeypatch, tmp_pat
         raise TrainingStopped(f"{reason}; checkpoint {output_dir}/ppo/checkpoint-3; continue with the same command "
                               "plus resume=true", None, 130, reason=reason)
 
-    monkeypatch.setattr(demo, "run_demo", stopped)
+    monkeypatch.setattr(cli, "run_demo", stopped)
     capsys.readouterr()
     assert main(["demo", "--output-dir", str(tmp_path / "demo")]) == 130
     err = capsys.readouterr().err

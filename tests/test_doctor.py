@@ -418,10 +418,10 @@ def test_dropout_left_on_in_the_policy_is_caught_as_a_logprob_mismatch(tiny_dirs
     mode and trains in train mode, and the first minibatch shows it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import tether.pipelines.ppo
+    import tether.placement
     import tether.roles
 
-    for module in (tether.pipelines.ppo, tether.roles):
+    for module in (tether.placement, tether.roles):
         monkeypatch.setattr(module, "disable_dropout", lambda model: None)
 
     policy = tmp_path / "dropout"
