@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-from tether.config import ConfigError, PPOConfig, RewardConfig, SFTConfig, config_from_dict, config_to_dict, load_config
+from tether.config import ConfigError, PPOConfig, RewardConfig, SFTConfig, config_from_dict, config_to_dict, read_yaml
 from tether.data import records_from_dataset
 from tether.pipelines.ppo import build_ppo_trainer
 from tether.pipelines.reward import run_reward
@@ -65,15 +65,17 @@ def ppo(config: ConfigLike = None, *, reward: Union[None, Callable, str, Path] =
     with that update's metrics row (the keys of docs/metrics.md)."""
     function, records, options = _ppo_inputs(reward, prompts, options)
     cfg = make_config(PPOConfig, config, options)
-    if function is not None:
-        function.timeout_s = cfg.reward_timeout_s
-    trainer = build_ppo_trainer(cfg, reward_fn=function, prompt_records=records)
+    reward_fn = FunctionReward(function, cfg.reward_fn, cfg.reward_timeout_s) if function is not None else None
+    trainer = build_ppo_trainer(cfg, reward_fn=reward_fn, prompt_records=records)
     trainer.on_update = on_update
     return RunResult(Path(cfg.output_dir), trainer.train())
 
 
 def make_config(cls: type, config: ConfigLike, options: Mapping[str, Any]):
-    """A validated stage config from a config object, a dict or a YAML path, with `options` on top."""
+    """A validated stage config from a config object, a dict or a YAML path, with `options` on top.
+    A config object with no options is used as it is (the stage validates it as it starts)."""
+    if isinstance(config, cls) and not options:
+        return config
     if config is None:
         values: dict[str, Any] = {}
     elif isinstance(config, cls):
@@ -81,21 +83,20 @@ def make_config(cls: type, config: ConfigLike, options: Mapping[str, Any]):
     elif isinstance(config, Mapping):
         values = dict(config)
     elif isinstance(config, (str, Path)):
-        values = config_to_dict(load_config(cls, str(config), []))
+        values = read_yaml(str(config))
     else:
         raise ConfigError(f"config must be a {cls.__name__}, a dict or a YAML path, got {type(config).__name__}")
     return config_from_dict(cls, {**values, **options})  # typed and validated as YAML is
 
 
-def _ppo_inputs(reward: Any, prompts: Any, options: dict[str, Any]) -> tuple[Optional[FunctionReward], Any, dict]:
+def _ppo_inputs(reward: Any, prompts: Any, options: dict[str, Any]) -> tuple[Optional[Callable], Any, dict]:
     """Python objects for `reward` and `prompts` become what the pipeline takes; their config keys
     say what they were (config.yaml records them)."""
     options = dict(options)
     function = None
     if callable(reward) and not isinstance(reward, (str, Path)):
-        name = getattr(reward, "__qualname__", None) or type(reward).__name__
-        function = FunctionReward(reward, name=f"{PYTHON_REWARD}{name}")
-        options["reward_fn"] = function.name
+        function = reward
+        options["reward_fn"] = PYTHON_REWARD + (getattr(reward, "__qualname__", None) or type(reward).__name__)
     elif isinstance(reward, (str, Path)):
         options["reward_model" if Path(reward).is_dir() else "reward_fn"] = str(reward)
     elif reward is not None:

@@ -529,7 +529,7 @@ def load_config(cls: type, path: Optional[str] = None, overrides: Optional[list[
     """Build `cls` from a YAML file and `key=value` overrides (overrides win), then validate."""
     values: dict[str, Any] = {}
     if path is not None:
-        values.update(_read_yaml(path))
+        values.update(read_yaml(path))
     mappings = {f.name for f in dataclasses.fields(cls)
                 if f.default_factory is not dataclasses.MISSING and isinstance(f.default_factory(), dict)}
     for item in overrides or []:
@@ -561,7 +561,8 @@ def _stage(cls: type) -> str:
     return cls.__name__.replace("Config", "").lower()
 
 
-def _read_yaml(path: str) -> dict[str, Any]:
+def read_yaml(path: str) -> dict[str, Any]:
+    """A config file's key: value mapping, with one clear error for each way it can be unreadable."""
     file = Path(path)
     if not file.is_file():
         if file.is_dir():
