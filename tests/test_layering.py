@@ -21,7 +21,7 @@ LAYERS = [
     ["tether.doctor", "tether.sharding", "tether.checkpoint", "tether.rundir", "tether.config"],
     ["tether.models"],  # HF loading, heads, architecture helpers
     ["tether.lora"],
-    ["tether.sampling", "tether.rewards"],
+    ["tether.sampling", "tether.rewards", "tether.http_reward"],
     ["tether.generation", "tether.roles"],
     ["tether.placement"],  # role assembly
     ["tether.rollout"],  # the contract and the driver

@@ -25,7 +25,7 @@ from tether.data import records_from_dataset
 from tether.pipelines.ppo import build_ppo_trainer
 from tether.pipelines.reward import run_reward
 from tether.pipelines.sft import run_sft
-from tether.rewards import FunctionReward
+from tether.rewards import FunctionReward, WeightedRewards
 
 ConfigLike = Union[None, SFTConfig, RewardConfig, PPOConfig, Mapping, str, Path]
 PYTHON_REWARD = "python:"  # cfg.reward_fn of a callable given in Python: config.yaml says which, nothing imports it
@@ -59,13 +59,15 @@ def reward(config: ConfigLike = None, **options: Any) -> RunResult:
 
 def ppo(config: ConfigLike = None, *, reward: Union[None, Callable, str, Path] = None, prompts: Any = None,
         on_update: Optional[Callable[[dict[str, float]], None]] = None, **options: Any) -> RunResult:
-    """PPO (`tether ppo`). `reward`: a callable `responses -> scores` (it may also take `prompts=`),
-    a reward model directory, or 'module:function'. `prompts`: a file or hub id, a list of dicts
+    """PPO (`tether ppo`). `reward`: a callable `responses -> scores` (it may also take `prompts=` and
+    any field of the prompt records by name, e.g. `answer=`), a reward model directory, 'module:function',
+    or several callables summed into one score — a list, or a dict {name: callable}, weighted by the
+    option `reward_weights` and each logged as `reward/<name>`. `prompts`: a file or hub id, a list of dicts
     (or of strings), or a `datasets.Dataset`. `on_update(metrics)` is called after every update
     with that update's metrics row (the keys of docs/metrics.md)."""
-    function, records, options = _ppo_inputs(reward, prompts, options)
+    functions, records, options = _ppo_inputs(reward, prompts, options)
     cfg = make_config(PPOConfig, config, options)
-    reward_fn = FunctionReward(function, cfg.reward_fn, cfg.reward_timeout_s) if function is not None else None
+    reward_fn = _python_reward(functions, cfg)
     trainer = build_ppo_trainer(cfg, reward_fn=reward_fn, prompt_records=records)
     trainer.on_update = on_update
     return RunResult(Path(cfg.output_dir), trainer.train())
@@ -89,13 +91,27 @@ def make_config(cls: type, config: ConfigLike, options: Mapping[str, Any]):
     return config_from_dict(cls, {**values, **options})  # typed and validated as YAML is
 
 
-def _ppo_inputs(reward: Any, prompts: Any, options: dict[str, Any]) -> tuple[Optional[Callable], Any, dict]:
+def _python_reward(functions: Optional[dict[str, Callable]], cfg: PPOConfig):
+    """Python callables as the pipeline's reward source: one FunctionReward, or several summed."""
+    if not functions:
+        return None
+    wrapped = [FunctionReward(fn, spec, cfg.reward_timeout_s)
+               for fn, spec in zip(functions.values(), cfg.reward_fns or [cfg.reward_fn])]
+    if not cfg.reward_fns:
+        return wrapped[0]
+    return WeightedRewards(wrapped, list(functions), cfg.reward_weights)
+
+
+def _ppo_inputs(reward: Any, prompts: Any, options: dict[str, Any]) -> tuple[Optional[dict], Any, dict]:
     """Python objects for `reward` and `prompts` become what the pipeline takes; their config keys
     say what they were (config.yaml records them)."""
     options = dict(options)
-    function = None
-    if callable(reward) and not isinstance(reward, (str, Path)):
-        function = reward
+    functions = None
+    if isinstance(reward, (list, tuple, Mapping)):
+        functions = _named_functions(reward)
+        options["reward_fns"] = [PYTHON_REWARD + name for name in functions]
+    elif callable(reward) and not isinstance(reward, (str, Path)):
+        functions = {_function_name(reward): reward}
         options["reward_fn"] = PYTHON_REWARD + (getattr(reward, "__qualname__", None) or type(reward).__name__)
     elif isinstance(reward, (str, Path)):
         options["reward_model" if Path(reward).is_dir() else "reward_fn"] = str(reward)
@@ -108,7 +124,24 @@ def _ppo_inputs(reward: Any, prompts: Any, options: dict[str, Any]) -> tuple[Opt
     elif prompts is not None:
         records = _prompt_records(prompts, options.get("prompt_field", PPOConfig.prompt_field))
         options["prompts"] = f"{IN_MEMORY} {len(records)} records"
-    return function, records, options
+    return functions, records, options
+
+
+def _function_name(fn: Callable) -> str:
+    return getattr(fn, "__name__", None) or type(fn).__name__
+
+
+def _named_functions(rewards: Any) -> dict[str, Callable]:
+    """{name: callable} from a list of callables (named by __name__) or a dict."""
+    pairs = list(rewards.items()) if isinstance(rewards, Mapping) else [(_function_name(f), f) for f in rewards]
+    if not pairs or not all(callable(fn) and not isinstance(fn, (str, Path)) for _, fn in pairs):
+        raise ConfigError("reward as a list or dict must hold Python callables, one per reward function; for "
+                          "'module:function' strings use the option reward_fns")
+    names = [str(name) for name, _ in pairs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"two reward functions are named {names[0] if names.count(names[0]) > 1 else sorted(names)!r}; "
+                          "pass a dict {name: function} to name each (each is logged as reward/<name>)")
+    return dict(zip(names, (fn for _, fn in pairs)))
 
 
 def _prompt_records(prompts: Any, field: str) -> list[dict]:

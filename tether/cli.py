@@ -1,5 +1,5 @@
 """Command line: `tether ppo --config FILE [key=value ...]`, `tether doctor RUN_DIR`, `tether report`,
-`tether export`, `tether demo`."""
+`tether export`, `tether demo`, `tether serve-reward RUN_DIR/final`."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from tether.doctor import diagnose_run, severity_rank
 from tether.lora import export_merged
 from tether.pipelines.demo import run_demo
 from tether.pipelines.demo_smollm2 import run_smollm2_demo
+from tether.pipelines.serve_reward import serve_reward
 from tether.report import build_report
 from tether.rewards import RewardError, RewardLoadError
 from tether.trainers.ppo import NonFiniteError, TrainingStopped
@@ -69,6 +70,14 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_reward(args: argparse.Namespace) -> int:
+    try:
+        serve_reward(args.model_dir, args.host, args.port, args.batch_size, args.device)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the way a server is meant to stop
+        print("tether serve-reward: stopped", flush=True)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     try:
         if args.model == "smollm2":
@@ -111,6 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("output_dir", help="Where the merged model and tokenizer go: a new or empty directory.")
     export.add_argument("--overwrite", action="store_true", help="Replace output_dir when it already holds files.")
     export.set_defaults(run=_export)
+    serve = sub.add_parser("serve-reward", parents=[common], help="Serve a trained reward model over HTTP for runs "
+                           "with reward_url= (protocol: docs/reward-server.md); Ctrl-C or SIGTERM stops it.")
+    serve.add_argument("model_dir", help="What `tether reward` wrote to RUN_DIR/final: a reward model with its "
+                       "tokenizer, or a LoRA reward adapter.")
+    serve.add_argument("--host", default="127.0.0.1", help="Address to listen on (0.0.0.0: every interface; the "
+                       "server has no authentication, so only on a trusted network).")
+    serve.add_argument("--port", type=int, default=8000, help="Port to listen on (0: any free port, printed).")
+    serve.add_argument("--batch-size", type=int, default=16, help="Texts per forward pass of the model.")
+    serve.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                       help="Where the model runs; auto: cuda if available, else cpu.")
+    serve.set_defaults(run=_serve_reward)
     demo = sub.add_parser("demo", parents=[common], help="The whole pipeline offline on CPU: SFT -> reward model -> PPO, with a "
                           "gold scorer and an HTML report.")
     demo.add_argument("--model", choices=["toy", "smollm2"], default="toy",

@@ -14,6 +14,7 @@ import math
 import os
 import types
 import typing
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -50,9 +51,16 @@ class PPOConfig:
     reference: Optional[str] = opt(None, "Frozen reference model path; default: a copy of the initial policy.")
     critic: Optional[str] = opt(None, "Backbone for the critic; default: the reward model if it is a model, else the policy.")
     reward_model: Optional[str] = opt(None, "Reward model path (AutoModelForSequenceClassification, 1 label).")
-    reward_fn: Optional[str] = opt(None, "Reward function 'module:function' taking list[str] responses, returning list[float].")
+    reward_fn: Optional[str] = opt(None, "Reward function 'module:function' taking list[str] responses, returning list[float]; it is also given prompts= and any field of the prompt records it names (e.g. answer=).")
+    reward_fns: list[str] = opt([], "Several reward functions 'module:function', summed with reward_weights into one score; each is logged as reward/<function name>.")
+    reward_weights: list[float] = opt([], "One weight per reward_fns entry (default: 1 each).")
     reward_timeout_s: Optional[float] = opt(None, "A reward_fn (or gold_reward_fn) call that takes longer than this many seconds stops the run with a checkpoint and one line naming the function (null = wait for ever).")
     reward_tokenizer: Optional[str] = opt(None, "Tokenizer of the reward model when it differs from the policy's; default: the reward model's own.")
+    reward_url: Optional[str] = opt(None, "A reward server 'http://host:port/score' (e.g. `tether serve-reward`; protocol in docs/reward-server.md): prompts and responses are POSTed as JSON, one score per response comes back.")
+    reward_url_timeout_s: float = opt(30.0, "reward_url: seconds to wait for the server's answer to one batch before that try counts as failed.")
+    reward_url_retries: int = opt(2, "reward_url: tries after the first for a refused or dropped connection, a timeout or an HTTP 5xx (short backoff); then the run stops with a checkpoint.")
+    reward_url_batch_size: int = opt(64, "reward_url: responses per request.")
+    reward_url_concurrency: int = opt(4, "reward_url: requests in flight at once.")
     gold_reward_fn: Optional[str] = opt(None, "A second scorer 'module:function', never optimised, evaluated on the same samples (gold/score): shows reward-model over-optimisation.")
     tokenizer: Optional[str] = opt(None, "Policy tokenizer path; default: the policy path.")
     precision: PrecisionName = opt("auto", PRECISION_HELP)
@@ -196,10 +204,8 @@ class PPOConfig:
         _require(self, "policy", "prompts")
         _check_estimator(self)
         _check_model_paths(self, "policy", "reference", "critic", "reward_model", "tokenizer", "reward_tokenizer")
-        if (self.reward_model is None) == (self.reward_fn is None):
-            raise ConfigError("set exactly one of reward_model (a model path) or reward_fn ('module:function')")
-        if self.reward_fn is not None and ":" not in self.reward_fn:
-            raise ConfigError(f"reward_fn must look like 'package.module:function', got {self.reward_fn!r}")
+        _check_reward_source(self)
+        _check_reward_url(self)
         _positive(self, "batch_size", "num_minibatches", "gradient_accumulation_steps", "total_updates",
                   "ppo_epochs", "max_new_tokens", "max_prompt_length", "ptx_batch_size", "ptx_block_size")
         _positive(self, "samples_per_prompt")
@@ -303,6 +309,57 @@ def check_engine_settings(cfg) -> None:
                           f"LoRA, but vLLM {VLLM_RELEASE} has no LoRA support for {refused[0]} ({cfg.policy}); use "
                           "placement=separate (the engine then receives the full weights) or "
                           "generation_backend=builtin")
+
+
+# Where a PPO run's score comes from: exactly one of these is set.
+REWARD_SOURCES = {"reward_model": "a model path", "reward_fn": "'module:function'",
+                  "reward_fns": "a list of 'module:function'", "reward_url": "an http(s):// reward server"}
+RESERVED_REWARD_NAMES = ("score", "score_std", "kl_penalty", "total", "overlong_penalty")  # reward/<name> taken
+
+
+def _check_reward_source(cfg: "PPOConfig") -> None:
+    chosen = [name for name in REWARD_SOURCES if getattr(cfg, name) not in (None, [], "")]
+    if len(chosen) != 1:
+        options = ", ".join(f"{name} ({what})" for name, what in REWARD_SOURCES.items())
+        raise ConfigError(f"set exactly one of {options}; {'got ' + ' and '.join(chosen) if chosen else 'none is set'}")
+    for key, spec in [("reward_fn", cfg.reward_fn)] + [("reward_fns", s) for s in cfg.reward_fns]:
+        if spec is not None and ":" not in spec:
+            raise ConfigError(f"{key} must look like 'package.module:function', got {spec!r}")
+    if cfg.reward_weights and len(cfg.reward_weights) != len(cfg.reward_fns):
+        raise ConfigError(f"reward_weights has {len(cfg.reward_weights)} weights for {len(cfg.reward_fns)} reward_fns; "
+                          "give one weight per function (or none: each weighs 1)")
+    names = [reward_fn_name(spec) for spec in cfg.reward_fns]
+    for name in names:
+        if names.count(name) > 1 or name in RESERVED_REWARD_NAMES:
+            raise ConfigError(f"reward_fns: two functions are named {name!r}" if names.count(name) > 1 else
+                              f"reward_fns: a function named {name!r} would be logged as reward/{name}, which tether "
+                              "logs already; rename the function")
+
+
+def reward_fn_name(spec: str) -> str:
+    """The name a reward function's score is logged under: 'pkg.mod:exact_match' -> 'exact_match'."""
+    return spec.rpartition(":")[2]
+
+
+def _check_reward_url(cfg: "PPOConfig") -> None:
+    if cfg.reward_url is not None:
+        check_reward_url(cfg.reward_url)
+    _positive(cfg, "reward_url_batch_size", "reward_url_concurrency")
+    _non_negative(cfg, "reward_url_retries")
+    if not cfg.reward_url_timeout_s > 0:
+        raise ConfigError(f"reward_url_timeout_s must be > 0, got {cfg.reward_url_timeout_s}")
+
+
+def check_reward_url(url: str) -> None:
+    """A reward server is reached over HTTP: anything else (a path, a typo'd scheme) fails here, naming the fix."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"reward_url must be an http:// or https:// address such as http://127.0.0.1:8000/score, "
+                          f"got {url!r} (a reward model directory goes in reward_model)")
+    try:
+        parts.port  # an out-of-range or non-numeric port raises here
+    except ValueError as err:
+        raise ConfigError(f"reward_url {url!r} has a bad port: {err}") from err
 
 
 def model_architectures(path: str) -> list[str]:

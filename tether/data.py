@@ -33,6 +33,7 @@ __all__ = [
     "records_from_dataset",
     "PromptStats",
     "tokenize_prompts",
+    "record_columns",
     "left_pad",
     "PromptSampler",
     "load_texts",
@@ -353,6 +354,16 @@ def tokenize_prompts(
         mean_length=sum(lengths) / len(lengths) if lengths else 0.0,
     )
     return ids, stats
+
+
+def record_columns(records: Sequence[Mapping], prompt_field: str = "prompt") -> dict[str, list]:
+    """Each record's fields other than its prompt, as {name: one value per record} (None where a
+    record lacks the field): what a reward function reads besides the response (e.g. `answer`)."""
+    names: dict[str, None] = {}
+    for record in records:
+        names.update(dict.fromkeys(record))
+    prompt_names = {prompt_field} if any(prompt_field in r for r in records) else {prompt_field, "messages"}
+    return {name: [record.get(name) for record in records] for name in names if name not in prompt_names}
 
 
 def _prompt_of(record: Mapping, index: int, prompt_field: str, source: str) -> str | list:

@@ -84,6 +84,10 @@ PPO_METRICS: tuple[Metric, ...] = (
     Metric("reward/overlong_penalty", "Mean DAPO overlong penalty added to the training score (0 up to "
            "`max_new_tokens` − `overlong_buffer`, down to −`overlong_penalty` at the limit); not in `reward/score`.",
            "Near 0; growing means responses run into the length limit.", ("overlong_buffer",)),
+    Metric("reward/<name>", "Each summed reward function's own mean score, unweighted (`reward/score` is their "
+           "sum weighted by `reward_weights`); <name> is the function's name.",
+           "The parts you want to rise do; one part rising while another falls is the policy trading one "
+           "rule for another.", ("reward_fns",)),
     Metric("sampling/uniform_groups", "Prompt groups whose `samples_per_prompt` scores were all equal (zero "
            "group advantage), over every sampling round of this update.", "Low. Most groups uniform: prompts too "
            "easy or too hard for the policy, or a reward that rarely changes.", ("dynamic_sampling",)),

@@ -26,9 +26,29 @@ class RewardLoadError(RewardError):
 
 
 class RewardSource(Protocol):
-    def score(self, prompts: list[str], responses: list[str], input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """(B,) float32 scores for prompt+response. input_ids/attention_mask are the policy's tokens."""
+    def score(self, prompts: list[str], responses: list[str], input_ids: Tensor, attention_mask: Tensor,
+              columns: Optional[dict[str, list]] = None) -> Tensor:
+        """(B,) float32 scores for prompt+response. input_ids/attention_mask are the policy's tokens;
+        `columns` maps each other field of the prompt records (e.g. "answer") to one value per row."""
         ...
+
+
+def source_scores(source, prompts: list[str], responses: list[str], input_ids: Optional[Tensor],
+                  attention_mask: Optional[Tensor], columns: Optional[dict[str, list]] = None) -> Tensor:
+    """`source.score(...)`, with the record columns only when there are some: a source written for
+    responses alone (a model, an older custom class) keeps working on prompts without extra fields."""
+    if columns:
+        return source.score(prompts, responses, input_ids, attention_mask, columns=columns)
+    return source.score(prompts, responses, input_ids, attention_mask)
+
+
+def rows_of(columns: Optional[dict[str, list]], rows) -> Optional[dict[str, list]]:
+    """The record columns of the given rows (a slice or a list of row indices)."""
+    if not columns:
+        return columns
+    if isinstance(rows, slice):
+        return {name: values[rows] for name, values in columns.items()}
+    return {name: [values[i] for i in rows] for name, values in columns.items()}
 
 
 class RewardTimeout(RewardError):
@@ -36,40 +56,65 @@ class RewardTimeout(RewardError):
 
 
 class FunctionReward:
-    """A Python function `list[str] -> list[float]` scoring responses (optionally given `prompts=`).
+    """A Python function `list[str] -> list[float]` scoring responses. It is also given, by keyword,
+    `prompts=` and any field of the prompt records its signature names (`answer=`, one value per
+    response), or all of them when it takes `**kwargs`: a verifiable reward reads its reference there.
     With `timeout_s`, a call that runs longer raises RewardTimeout (the call itself is abandoned in
     its thread: Python cannot stop it)."""
 
     def __init__(self, fn: Callable, name: str = "", timeout_s: Optional[float] = None):
         self.fn = fn
         self.name = name or getattr(fn, "__name__", repr(fn))
-        self.wants_prompts = "prompts" in inspect.signature(fn).parameters
+        try:
+            parameters = inspect.signature(fn).parameters
+        except (TypeError, ValueError):  # a builtin without a signature: responses alone
+            parameters = {}
+        self.takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+        self.wants_prompts = "prompts" in parameters or self.takes_all
+        self.keywords = [name for name, p in list(parameters.items())[1:]
+                         if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and name != "prompts"]
+        self.required = [name for name, p in list(parameters.items())[1:]
+                         if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is p.empty
+                         and name != "prompts"]
         self.timeout_s = timeout_s
 
-    def score(self, prompts, responses, input_ids=None, attention_mask=None) -> Tensor:
+    def check_columns(self, available: Sequence[str], source: str = "the prompts") -> None:
+        """Before any model loads: every argument the function requires must be a field of the records."""
+        missing = [name for name in self.required if name not in available]
+        if missing:
+            raise RewardLoadError(f"reward {self.name} takes {missing[0]!r}, which is not a field of {source} (their "
+                                  f"fields: {sorted(available) or 'none besides the prompt'}); add that field to "
+                                  "every record, or give the argument a default")
+
+    def score(self, prompts, responses, input_ids=None, attention_mask=None, columns=None) -> Tensor:
+        columns = columns or {}
         try:
-            raw = self._call_in_time(prompts, responses)
+            raw = self._call_in_time(prompts, responses, columns)
         except SystemExit as err:  # would end tether mid-run, exit code and all, without a checkpoint
             raise RewardError(f"reward {self.name} called sys.exit({err.code}) while scoring {len(responses)} "
                               "responses; a reward function must return scores (raise an exception to stop)") from err
         except RewardTimeout:
             raise
         except Exception as err:  # the user's code: find the response it fails on, and name it
-            raise RewardError(self._failure(prompts, responses, err)) from err
+            raise RewardError(self._failure(prompts, responses, columns, err)) from err
         return check_scores(raw, responses, self.name)
 
-    def _call(self, prompts, responses):
-        return self.fn(responses, prompts=prompts) if self.wants_prompts else self.fn(responses)
+    def _call(self, prompts, responses, columns):
+        kwargs = {name: values for name, values in columns.items()
+                  if (self.takes_all or name in self.keywords) and name not in ("prompts", "responses")}
+        if self.wants_prompts:
+            kwargs["prompts"] = prompts
+        return self.fn(responses, **kwargs)
 
-    def _call_in_time(self, prompts, responses):
+    def _call_in_time(self, prompts, responses, columns):
         """The call, in a daemon thread when a timeout is set (a hung call must not keep the process alive)."""
         if self.timeout_s is None:
-            return self._call(prompts, responses)
+            return self._call(prompts, responses, columns)
         box: dict = {}
 
         def run():
             try:
-                box["value"] = self._call(prompts, responses)
+                box["value"] = self._call(prompts, responses, columns)
             except BaseException as err:  # noqa: BLE001 - handed to the caller's thread as it is
                 box["error"] = err
 
@@ -84,10 +129,10 @@ class FunctionReward:
             raise box["error"]
         return box["value"]
 
-    def _failure(self, prompts, responses, err: Exception) -> str:
+    def _failure(self, prompts, responses, columns, err: Exception) -> str:
         for i, response in enumerate(responses):
             try:
-                self._call(prompts[i : i + 1], [response])
+                self._call(prompts[i : i + 1], [response], rows_of(columns, slice(i, i + 1)))
             except Exception as single:
                 return (f"reward {self.name} raised {type(single).__name__}: {single} on response {i} "
                         f"{response[:200]!r} (prompt {prompts[i][:100]!r}); fix the function for that input")
@@ -95,6 +140,36 @@ class FunctionReward:
                 f"{len(responses)} responses (first: {responses[0][:100]!r}), while each response alone scores "
                 "fine: the failure depends on the batch (its size, or state kept between calls); fix the function "
                 "for a whole batch")
+
+
+class WeightedRewards:
+    """Several reward sources summed with weights into one score: `Σ_k w_k · score_k`.
+
+    Each source's own scores (unweighted) are kept per row in `last_parts` (B, K), so the trainer
+    logs each as `reward/<name>` and a rule that only one of them moves is visible."""
+
+    def __init__(self, sources: Sequence, names: Sequence[str], weights: Optional[Sequence[float]] = None):
+        weights = [1.0] * len(sources) if weights is None or len(weights) == 0 else list(weights)
+        if len(weights) != len(sources):
+            raise RewardLoadError(f"reward_weights has {len(weights)} weights for {len(sources)} reward functions; "
+                                  "give one weight per function (or none: each weighs 1)")
+        if len(set(names)) != len(names):
+            raise RewardLoadError(f"two reward functions share the name {sorted(n for n in names if names.count(n) > 1)[0]!r}; "
+                                  "each is logged as reward/<name>, so give them different names")
+        self.sources, self.names, self.weights = list(sources), list(names), [float(w) for w in weights]
+        self.name = " + ".join(f"{w:g}·{n}" for w, n in zip(self.weights, self.names))
+        self.last_parts: Optional[Tensor] = None  # (B, K) each source's scores of the last call
+
+    def score(self, prompts, responses, input_ids=None, attention_mask=None, columns=None) -> Tensor:
+        parts = torch.stack([source_scores(source, prompts, responses, input_ids, attention_mask, columns).float().cpu()
+                             for source in self.sources], dim=1)  # (B, K)
+        self.last_parts = parts
+        return parts @ torch.tensor(self.weights, dtype=parts.dtype)
+
+
+def reward_part_names(source) -> list[str]:
+    """The names a WeightedRewards logs its parts under (reward/<name>); none for a single source."""
+    return list(source.names) if isinstance(source, WeightedRewards) else []
 
 
 def raised_at(err: BaseException) -> str:
@@ -185,7 +260,7 @@ class ModelReward:
         return next(self.model.parameters()).device
 
     @torch.no_grad()
-    def score(self, prompts, responses, input_ids, attention_mask) -> Tensor:
+    def score(self, prompts, responses, input_ids, attention_mask, columns=None) -> Tensor:
         if self.tokenizer is None:
             ids, mask = input_ids, attention_mask
         else:

@@ -44,7 +44,7 @@ from tether.models import (
     start_at_block,
 )
 from tether.lora import adapter_layers, load_adapter_weights, save_adapter
-from tether.rewards import RewardError
+from tether.rewards import RewardError, source_scores
 from tether.sampling import response_logits, sample_responses
 from tether.sharding import shard, whole_state, whole_weights
 
@@ -61,6 +61,14 @@ class SequenceScores:
     scores: Tensor           # (B,)   reward per sequence
     trunk: Optional[Tensor]  # (B, P+R, H) output of the frozen lower blocks, shared by every role; None if not shared
     graph: Optional[tuple[Tensor, Tensor]] = None  # policy logits (B, R, V) and values (B, R) with grad (keep_graph)
+    reward_parts: Optional[Tensor] = None  # (B, K) each reward function's own score, when several are summed
+
+
+def external_scores(reward, prompts, responses, input_ids, attention_mask, columns) -> tuple[Tensor, Optional[Tensor]]:
+    """(B,) scores of a reward that is not an adapter (a model or functions) on the sequences' device,
+    and (B, K) the parts of a weighted sum of several functions (None otherwise)."""
+    scores = source_scores(reward, prompts, responses, input_ids, attention_mask, columns).to(input_ids.device)
+    return scores, getattr(reward, "last_parts", None)
 
 
 class Roles(Protocol):
@@ -75,8 +83,10 @@ class Roles(Protocol):
         ...
 
     def score(self, input_ids: Tensor, attention_mask: Tensor, response_length: int, settings,
-              prompts: list[str], responses: list[str], keep_graph: bool = False) -> SequenceScores:
-        """Old log-probs, reference log-probs, values, scores. keep_graph: the policy and critic
+              prompts: list[str], responses: list[str], keep_graph: bool = False,
+              columns: Optional[dict[str, list]] = None) -> SequenceScores:
+        """Old log-probs, reference log-probs, values, scores (`columns`: the prompt records' other
+        fields, one value per row, for a reward that reads them). keep_graph: the policy and critic
         forwards keep their autograd graph (SequenceScores.graph) for the first optimizer step;
         a placement that cannot returns graph None and the trainer runs those forwards itself."""
         ...
@@ -153,7 +163,7 @@ class SeparateRoles:
 
     @torch.no_grad()
     def score(self, input_ids, attention_mask, response_length, settings, prompts, responses,
-              keep_graph: bool = False) -> SequenceScores:
+              keep_graph: bool = False, columns=None) -> SequenceScores:
         tokens = input_ids[:, -response_length:]
 
         def logprobs(logits):
@@ -166,8 +176,8 @@ class SeparateRoles:
         graph = (policy_logits, values) if keep_graph else None
         policy_logits, values = policy_logits.detach(), values.detach()
         reference_logits = self._logits(self.reference, input_ids, attention_mask, response_length, settings.pad_id)
-        scores = self.reward.score(prompts, responses, input_ids, attention_mask).to(input_ids.device)
-        return SequenceScores(logprobs(policy_logits), logprobs(reference_logits), values, scores, None, graph)
+        scores, parts = external_scores(self.reward, prompts, responses, input_ids, attention_mask, columns)
+        return SequenceScores(logprobs(policy_logits), logprobs(reference_logits), values, scores, None, graph, parts)
 
     @staticmethod
     def _logits(model, input_ids, attention_mask, response_length, pad_id):
@@ -311,7 +321,7 @@ class SharedBaseRoles:
 
     @torch.no_grad()
     def score(self, input_ids, attention_mask, response_length, settings, prompts, responses,
-              keep_graph: bool = False) -> SequenceScores:
+              keep_graph: bool = False, columns=None) -> SequenceScores:
         # keep_graph is not supported here (adapters switch between the forwards): graph stays None.
         # The reward adapter reads EOS-terminated texts (as `tether reward` trains it); the
         # other roles the sequences as sampled. One trunk, of the longer of the two, serves all.
@@ -328,11 +338,12 @@ class SharedBaseRoles:
 
         policy, reference = logprobs("policy"), logprobs("reference")
         values = self.values(input_ids, attention_mask, response_length, trunk)
+        parts = None
         if self.reward_head is not None:
             scores = self.adapter_scores(reward_ids, reward_mask, trunk)
         else:
-            scores = self.reward.score(prompts, responses, input_ids, attention_mask).to(input_ids.device)
-        return SequenceScores(policy, reference, values, scores, trunk)
+            scores, parts = external_scores(self.reward, prompts, responses, input_ids, attention_mask, columns)
+        return SequenceScores(policy, reference, values, scores, trunk, reward_parts=parts)
 
     def _logits(self, input_ids, attention_mask, response_length, pad_id, trunk):
         with self._from_trunk(trunk, input_ids.shape[1]):

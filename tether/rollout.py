@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from tether.generation import BuiltinSampler
+from tether.rewards import rows_of
 from tether.sampling import GenerationSettings
 
 @dataclass
@@ -35,6 +36,8 @@ class Rollout:
     generate_s: float = 0.0         # seconds spent sampling
     score_s: float = 0.0            # seconds spent scoring with the four roles
     engine_logprobs: Optional[Tensor] = None  # (B, R) what the generation engine reported (never trained on)
+    columns: Optional[dict] = None  # the prompt records' other fields, {name: one value per row}, for the reward
+    reward_parts: Optional[Tensor] = None  # (B, K) each reward function's own score, when several are summed
 
     @property
     def prompt_length(self) -> int:
@@ -57,6 +60,8 @@ def select_rows(batch, index: Tensor):
             picked[f.name] = value[index]
         elif isinstance(value, list):
             picked[f.name] = [value[i] for i in index.tolist()]
+        elif isinstance(value, dict):  # columns: a list per name
+            picked[f.name] = {name: [values[i] for i in index.tolist()] for name, values in value.items()}
         else:
             picked[f.name] = value
     return type(batch)(**picked)
@@ -64,15 +69,18 @@ def select_rows(batch, index: Tensor):
 
 @torch.no_grad()
 def collect_rollout(roles, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, settings: GenerationSettings,
-                    chunk_size: int = 0, keep_graph: bool = False, backend=None) -> Rollout:
+                    chunk_size: int = 0, keep_graph: bool = False, backend=None,
+                    columns: Optional[dict] = None) -> Rollout:
     """1) sample (the generation backend; default: the built-in sampler on the policy), 2) score with
-    policy, reference, critic and reward — chunk by chunk.
+    policy, reference, critic and reward — chunk by chunk. `columns`: the prompt records' other fields,
+    one value per row, handed to the reward.
     keep_graph (one chunk only): the policy and critic scoring forwards keep their graph (Rollout.graph)."""
     backend = backend or BuiltinSampler()
     size = chunk_size or prompt_ids.shape[0]
     keep_graph = keep_graph and size >= prompt_ids.shape[0]
     parts = [_rollout_chunk(roles, tokenizer, prompt_ids[i : i + size], prompt_mask[i : i + size], settings,
-                            keep_graph, backend) for i in range(0, prompt_ids.shape[0], size)]
+                            keep_graph, backend, rows_of(columns, slice(i, i + size)))
+             for i in range(0, prompt_ids.shape[0], size)]
     return parts[0] if len(parts) == 1 else concat_rollouts(parts, settings.pad_id)
 
 
@@ -84,7 +92,8 @@ def synced_clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def _rollout_chunk(roles, tokenizer, prompt_ids, prompt_mask, settings, keep_graph: bool, backend) -> Rollout:
+def _rollout_chunk(roles, tokenizer, prompt_ids, prompt_mask, settings, keep_graph: bool, backend,
+                   columns: Optional[dict]) -> Rollout:
     start = synced_clock(prompt_ids.device)
     sampled = backend.generate(roles, prompt_ids, prompt_mask, settings, tokenizer)
     response_ids, response_mask, ended = sampled.response_ids, sampled.response_mask, sampled.ended
@@ -93,12 +102,14 @@ def _rollout_chunk(roles, tokenizer, prompt_ids, prompt_mask, settings, keep_gra
     attention_mask = torch.cat([prompt_mask.long(), response_mask.long()], dim=1)
     prompts = tokenizer.batch_decode(prompt_ids, skip_special_tokens=True)
     responses = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
-    out = roles.score(input_ids, attention_mask, response_ids.shape[1], settings, prompts, responses, keep_graph)
+    out = roles.score(input_ids, attention_mask, response_ids.shape[1], settings, prompts, responses, keep_graph,
+                      **({"columns": columns} if columns else {}))
     engine = sampled.engine_logprobs
     return Rollout(input_ids, attention_mask, response_mask, out.logprobs * response_mask,
                    out.ref_logprobs * response_mask, out.values * response_mask, out.scores, ended, prompts,
                    responses, out.trunk, out.graph, generated - start,
-                   synced_clock(prompt_ids.device) - generated, engine * response_mask if engine is not None else None)
+                   synced_clock(prompt_ids.device) - generated, engine * response_mask if engine is not None else None,
+                   columns, getattr(out, "reward_parts", None))
 
 
 def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
@@ -121,7 +132,11 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
     engine = None
     if parts[0].engine_logprobs is not None:
         engine = torch.cat([_pad(p.engine_logprobs, 0, response_width - p.response_mask.shape[1], 0) for p in parts])
-    return Rollout(**joined, engine_logprobs=engine, scores=torch.cat([p.scores for p in parts]),
+    columns = ({name: sum((p.columns[name] for p in parts), []) for name in parts[0].columns}
+               if parts[0].columns else parts[0].columns)
+    reward_parts = torch.cat([p.reward_parts for p in parts]) if parts[0].reward_parts is not None else None
+    return Rollout(**joined, engine_logprobs=engine, columns=columns, reward_parts=reward_parts,
+                   scores=torch.cat([p.scores for p in parts]),
                    ended=torch.cat([p.ended for p in parts]),
                    prompts=sum((p.prompts for p in parts), []), responses=sum((p.responses for p in parts), []),
                    trunk=trunk, generate_s=sum(p.generate_s for p in parts), score_s=sum(p.score_s for p in parts))

@@ -48,6 +48,8 @@ SAFE_TO_CHANGE = frozenset({
     # where the run lives (a run directory moved or copied resumes from its new place), and whether a
     # skipped update is undone (it changes nothing while updates are not skipped)
     "output_dir", "undo_skipped_updates", "reward_timeout_s",
+    # how a reward server is reached: a run stopped by a server that went away resumes against it restarted
+    "reward_url", "reward_url_timeout_s", "reward_url_retries", "reward_url_batch_size", "reward_url_concurrency",
 })
 
 

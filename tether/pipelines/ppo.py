@@ -12,14 +12,15 @@ import torch
 
 from tether import distributed
 from tether.checkpoint import seed_everything
-from tether.config import ConfigError, PPOConfig, check_hub_ids, config_to_dict
-from tether.data import load_records, load_texts, pack_texts, tokenize_prompts
+from tether.config import ConfigError, PPOConfig, check_hub_ids, config_to_dict, reward_fn_name
+from tether.data import load_records, load_texts, pack_texts, record_columns, tokenize_prompts
 from tether.generation import BuiltinSampler, VLLMBackend, engine_embedding_rows
+from tether.http_reward import http_reward_from_config
 from tether.models import check_sequence_fits, load_tokenizer, pick_device
 from tether.pipelines.stage import commit, join_ranks, locked, settle_precision, start_run
 from tether.placement import build_roles, check_tokenizer_matches_policy
 from tether.precision import Precision
-from tether.rewards import FunctionReward, load_reward_fn
+from tether.rewards import FunctionReward, WeightedRewards, load_reward_fn
 from tether.rundir import RunDirError, RunStart, check_final_complete, damaged_checkpoint_error
 from tether.tracking import check_sink_packages, make_tracker
 from tether.trainers.ppo import PPOTrainer
@@ -52,9 +53,9 @@ def _build_ppo_trainer(cfg: PPOConfig, start: RunStart, precision: Precision, ge
 
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.policy, engine_embedding_rows(cfg))  # vllm: pad in its vocab
     check_tokenizer_matches_policy(cfg, tokenizer)
-    prompts = load_prompts(cfg, tokenizer, records=prompt_records)
-    if reward_fn is None and cfg.reward_fn:
-        reward_fn = load_reward_fn(cfg.reward_fn, cfg.reward_timeout_s)  # fail before models
+    prompts, columns = load_prompts(cfg, tokenizer, records=prompt_records)
+    reward_fn = reward_fn or configured_reward(cfg)  # fail before models
+    check_reward_columns(reward_fn, columns, cfg.prompts or "the prompts")
     check_sink_packages(cfg.log_with)
     ptx_blocks = None
     if cfg.ptx_data:
@@ -63,7 +64,12 @@ def _build_ppo_trainer(cfg: PPOConfig, start: RunStart, precision: Precision, ge
 
     roles = build_roles(cfg, tokenizer, precision, device, reward_fn)
     gold = load_reward_fn(cfg.gold_reward_fn, cfg.reward_timeout_s) if cfg.gold_reward_fn else None
-    eval_prompts = load_prompts(cfg, tokenizer, cfg.eval_prompts)[: cfg.eval_max_prompts] if cfg.eval_prompts else None
+    check_reward_columns(gold, columns, cfg.prompts or "the prompts")
+    eval_prompts, eval_columns = (load_prompts(cfg, tokenizer, cfg.eval_prompts, limit=cfg.eval_max_prompts)
+                                  if cfg.eval_prompts else (None, None))
+    if eval_prompts is not None:
+        for source in (reward_fn, gold):
+            check_reward_columns(source, eval_columns, cfg.eval_prompts)
     if start.checkpoint is not None:
         with readable_checkpoint(start):
             roles.load(start.checkpoint)  # before any sharding: whole tensors into whole models
@@ -77,7 +83,8 @@ def _build_ppo_trainer(cfg: PPOConfig, start: RunStart, precision: Precision, ge
                      "sharded" if cfg.fsdp_frozen == "shard" else "whole on every rank")
     generation = generation or generation_backend(cfg)
     trainer = PPOTrainer(cfg, roles, tokenizer, prompts, ptx_blocks=ptx_blocks, run_dir=start.path, device=device,
-                         gold=gold, eval_prompts=eval_prompts, generation=generation, precision=precision)
+                         gold=gold, eval_prompts=eval_prompts, generation=generation, precision=precision,
+                         prompt_columns=columns, eval_columns=eval_columns)
     if start.checkpoint is not None:
         with readable_checkpoint(start):
             trainer.load_state(start.checkpoint, weights=False)
@@ -127,18 +134,42 @@ def generation_backend(cfg: PPOConfig):
     return VLLMBackend.start(cfg.policy, cfg, scratch, distributed.rank_seed(cfg.seed))
 
 
-def load_prompts(cfg: PPOConfig, tokenizer, source: Optional[str] = None,
-                 records: Optional[list[dict]] = None) -> list[list[int]]:
-    """Tokenised prompts from `source` (default cfg.prompts), or from `records` already in memory."""
+def configured_reward(cfg: PPOConfig):
+    """The reward source the config names, unless it is a reward model (None): one function, several
+    summed, or a reward server (reward_url)."""
+    if cfg.reward_fn:
+        return load_reward_fn(cfg.reward_fn, cfg.reward_timeout_s)
+    if cfg.reward_fns:
+        return WeightedRewards([load_reward_fn(spec, cfg.reward_timeout_s) for spec in cfg.reward_fns],
+                               [reward_fn_name(spec) for spec in cfg.reward_fns], cfg.reward_weights)
+    if cfg.reward_url:
+        return http_reward_from_config(cfg)  # a reward server: checked to be listening
+    return None
+
+
+def check_reward_columns(source, columns: Optional[dict], where: str) -> None:
+    """Every argument a reward function requires must be a field of the prompt records."""
+    for part in getattr(source, "sources", [source]):
+        if isinstance(part, FunctionReward):
+            part.check_columns(list(columns or {}), where)
+
+
+def load_prompts(cfg: PPOConfig, tokenizer, source: Optional[str] = None, records: Optional[list[dict]] = None,
+                 limit: Optional[int] = None) -> tuple[list[list[int]], dict[str, list]]:
+    """Tokenised prompts from `source` (default cfg.prompts), or from `records` already in memory (the
+    first `limit` of them), and the records' other fields, {name: one value per prompt} (data.record_columns)."""
     source = source or cfg.prompts
     records = records if records is not None else load_records(source, cfg.prompt_split)
+    records = records[:limit] if limit else records
     prompts, stats = tokenize_prompts(records, tokenizer, cfg.prompt_field, cfg.max_prompt_length,
                                       cfg.overlong_prompts, source=source)
     if stats.truncated:
         log.warning("%d of %d prompts were longer than max_prompt_length=%d and were truncated on the left",
                     stats.truncated, stats.total, cfg.max_prompt_length)
-    log.info("loaded %d prompts from %s", len(prompts), source)
-    return prompts
+    columns = record_columns(records, cfg.prompt_field)
+    log.info("loaded %d %s prompts from %s%s", len(prompts), "chat" if stats.chat else "text", source,
+             f" (fields for the reward: {', '.join(columns)})" if columns else "")
+    return prompts, columns
 
 
 def run_ppo(cfg: PPOConfig) -> dict[str, float]:

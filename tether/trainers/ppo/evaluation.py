@@ -10,14 +10,15 @@ from torch import Tensor
 
 from tether.algo import kl_per_token
 from tether.data import left_pad
+from tether.rewards import source_scores
 from tether.rollout import Rollout, collect_rollout
 from tether.text_health import distinct_n
 
 
 def gold_scores(gold, rollout: Rollout) -> Optional[Tensor]:
     """(B,) scores of the gold reward (a RewardSource never optimised), None without one."""
-    return None if gold is None else gold.score(rollout.prompts, rollout.responses, rollout.input_ids,
-                                                rollout.attention_mask)
+    return None if gold is None else source_scores(gold, rollout.prompts, rollout.responses, rollout.input_ids,
+                                                   rollout.attention_mask, rollout.columns)
 
 
 @torch.no_grad()
@@ -36,7 +37,8 @@ def evaluate(trainer) -> tuple[dict[str, float], dict]:
         torch.manual_seed(cfg.seed + 3)
         with trainer.forwards():
             rollout = collect_rollout(trainer.roles, trainer.tokenizer, prompt_ids.to(trainer.device), prompt_mask.to(
-                trainer.device), trainer.settings, cfg.rollout_batch_size or cfg.batch_size)
+                trainer.device), trainer.settings, cfg.rollout_batch_size or cfg.batch_size,
+                                      columns=trainer.eval_columns)
     mask = rollout.response_mask
     kl = (kl_per_token(rollout.logprobs, rollout.ref_logprobs, "k1") * mask).sum(-1)  # k1 summed per response
     metrics = {"eval/score": rollout.scores.mean().item(), "eval/kl": kl.mean().item(),

@@ -18,6 +18,14 @@ from tether.text_health import distinct_n, repeated_ngram_rate
 from tether.trainers.ppo.batch import ShapedRewards
 
 
+def reward_part_metrics(rollout: Rollout, names: list[str]) -> dict[str, float]:
+    """`reward/<name>`: each summed reward function's own mean score (unweighted), over every rank's rows."""
+    if rollout.reward_parts is None or not names:
+        return {}
+    parts = distributed.gather_rows(rollout.reward_parts)  # (B, K)
+    return {f"reward/{name}": parts[:, k].mean().item() for k, name in enumerate(names)}
+
+
 def rollout_metrics(rollout: Rollout, shaped: ShapedRewards, returns: Tensor, advantage_mean: float,
                     kl_per_response: float, beta: float, gold: Optional[Tensor], critic: bool, group_size: int,
                     gaps: dict[str, float]) -> dict[str, float]:

@@ -29,7 +29,7 @@ from tether.data import BlockSampler, PromptSampler, left_pad
 from tether.doctor import Doctor
 from tether.generation import BuiltinSampler, GenerationBackend
 from tether.precision import FP32, Precision
-from tether.rewards import RewardTimeout
+from tether.rewards import RewardTimeout, reward_part_names, rows_of
 from tether.roles import Roles
 from tether.rollout import Rollout, collect_rollout, select_rows, synced_clock
 from tether.tracking import SampleWriter, Tracker
@@ -40,7 +40,8 @@ from tether.trainers.ppo.control import (RunControl, Stop, UpdateUndo, abandon_u
                                          injected_fault, non_finite_reason, stop_requests)
 from tether.trainers.ppo.evaluation import evaluate, gold_scores, log_evaluation
 from tether.trainers.ppo.loss import policy_objective
-from tether.trainers.ppo.metrics import engine_gap_metrics, kl_means, rollout_metrics, truncation_gap_metrics
+from tether.trainers.ppo.metrics import (engine_gap_metrics, kl_means, reward_part_metrics, rollout_metrics,
+                                         truncation_gap_metrics)
 from tether.trainers.ppo.state import load_trainer, save_checkpoint, save_trainer
 
 
@@ -55,7 +56,8 @@ class PPOTrainer:
                  tracker: Optional[Tracker] = None, ptx_blocks: Optional[Tensor] = None,
                  run_dir: Optional[Path] = None, device: torch.device = torch.device("cpu"), gold=None,
                  eval_prompts: Optional[list[list[int]]] = None, generation: Optional[GenerationBackend] = None,
-                 precision: Precision = FP32):
+                 precision: Precision = FP32, prompt_columns: Optional[dict[str, list]] = None,
+                 eval_columns: Optional[dict[str, list]] = None):
         self.cfg, self.roles, self.precision = cfg, roles, precision
         self.tokenizer, self.prompts, self.tracker, self.device = tokenizer, prompts, tracker, device
         self.generation = generation or BuiltinSampler()
@@ -87,6 +89,8 @@ class PPOTrainer:
         self.control = RunControl(cfg, self.doctor, self.samples, self.run_dir, self.writes)
         self.gold = gold  # a RewardSource never optimised: measures over-optimisation of the proxy
         self.eval_prompts = eval_prompts
+        # The prompt records' other fields, one value per prompt ({"answer": [...]}): the reward reads them.
+        self.prompt_columns, self.eval_columns = prompt_columns, eval_columns
         self.first_eval: Optional[dict] = None  # the first evaluation's texts (update 0), kept beside last_eval
         self.last_eval: Optional[dict] = None
         self.update = 0
@@ -145,6 +149,7 @@ class PPOTrainer:
                               self.critic_optimizer is not None, cfg.samples_per_prompt, gaps),
             **stats, "time/update_s": synced_clock(self.device) - start,
             "ppo/skipped_updates": float(self.control.skipped_updates), "kl/per_token": kl_per_token,
+            **reward_part_metrics(rollout, reward_part_names(getattr(self.roles, "reward", None))),
         }
         if self.eval_prompts and (self.update % cfg.eval_every == 0 or self.update == cfg.total_updates):
             # Every rank evaluates the same prompts with the same random numbers (a sharded model
@@ -222,7 +227,7 @@ class PPOTrainer:
         with self.forwards():
             return collect_rollout(self.roles, self.tokenizer, prompt_ids.to(self.device), prompt_mask.to(self.device),
                                    self.settings, self.cfg.rollout_batch_size, keep_graph=self.reuses_scoring_forward(),
-                                   backend=self.generation)
+                                   backend=self.generation, columns=rows_of(self.prompt_columns, indices))
 
     def forwards(self):
         """Where every model forward runs: under bf16 autocast for precision=bf16-mixed (backward then
