@@ -17,7 +17,7 @@ PACKAGE = ROOT / "tether"
 # Lowest first. A module matches the longest prefix listed; a new module must be placed here.
 LAYERS = [
     ["tether.algo", "tether.distributed", "tether.precision", "tether.text_health", "tether.metrics", "tether.tiny",
-     "tether.report", "tether.data", "tether.tracking"],
+     "tether.report", "tether.data", "tether.layouts", "tether.tracking"],
     ["tether.doctor", "tether.sharding", "tether.checkpoint", "tether.rundir", "tether.config"],
     ["tether.models"],  # HF loading, heads, architecture helpers
     ["tether.lora"],

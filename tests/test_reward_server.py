@@ -25,7 +25,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from conftest import base_overrides
-from test_reward import pair_files, reward_cfg  # noqa: F401  (pair_files: a fixture)
+from test_reward import preference_rows, reward_cfg, write_jsonl
 from tether.config import ConfigError, PPOConfig, config_from_dict, load_config
 from tether.http_reward import HttpReward, RewardServerUnavailable
 from tether.pipelines.ppo import run_ppo
@@ -155,6 +155,13 @@ def test_a_path_without_a_model_is_named(tmp_path):
         build_reward_server(str(tmp_path / "missing"), port=0)
     with pytest.raises(ValueError, match="holds no model"):
         build_reward_server(str(tmp_path), port=0)
+
+
+@pytest.fixture(scope="module")
+def pair_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pairs")
+    rows = preference_rows()
+    return {"train": write_jsonl(root / "train.jsonl", rows[:36]), "eval": write_jsonl(root / "eval.jsonl", rows[36:])}
 
 
 def test_a_lora_reward_adapter_is_served_like_in_process(tiny_dirs, pair_files, tmp_path):

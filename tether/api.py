@@ -45,16 +45,34 @@ class RunResult:
         return self.run_dir / "final"
 
 
-def sft(config: ConfigLike = None, **options: Any) -> RunResult:
-    """Supervised fine-tuning (`tether sft`): options as in `tether sft --help`."""
+def sft(config: ConfigLike = None, *, data: Any = None, **options: Any) -> RunResult:
+    """Supervised fine-tuning (`tether sft`): options as in `tether sft --help`. `data`: a file or hub
+    id, a list of dicts or a `datasets.Dataset`, in any SFT layout (text, messages, prompt-completion)."""
+    records, options = _data_records(data, options)
     cfg = make_config(SFTConfig, config, options)
-    return RunResult(Path(cfg.output_dir), run_sft(cfg))
+    return RunResult(Path(cfg.output_dir), run_sft(cfg, records))
 
 
-def reward(config: ConfigLike = None, **options: Any) -> RunResult:
-    """Reward-model training on preference pairs (`tether reward`): options as in `tether reward --help`."""
+def reward(config: ConfigLike = None, *, data: Any = None, **options: Any) -> RunResult:
+    """Reward-model training on preference pairs (`tether reward`): options as in `tether reward --help`.
+    `data`: a file or hub id, a list of dicts or a `datasets.Dataset`, in any pair layout (explicit,
+    conversational, HH transcripts)."""
+    records, options = _data_records(data, options)
     cfg = make_config(RewardConfig, config, options)
-    return RunResult(Path(cfg.output_dir), run_reward(cfg))
+    return RunResult(Path(cfg.output_dir), run_reward(cfg, records))
+
+
+def _data_records(data: Any, options: dict[str, Any]) -> tuple[Optional[list[dict]], dict[str, Any]]:
+    """A path stays the `data` option; rows in memory are handed over (config.yaml says how many)."""
+    options = dict(options)
+    if data is None:
+        return None, options
+    if isinstance(data, (str, Path)):
+        options["data"] = str(data)
+        return None, options
+    records = records_from_dataset(data)
+    options["data"] = f"{IN_MEMORY} {len(records)} records"
+    return records, options
 
 
 def ppo(config: ConfigLike = None, *, reward: Union[None, Callable, str, Path] = None, prompts: Any = None,
@@ -113,6 +131,8 @@ def _ppo_inputs(reward: Any, prompts: Any, options: dict[str, Any]) -> tuple[Opt
     elif callable(reward) and not isinstance(reward, (str, Path)):
         functions = {_function_name(reward): reward}
         options["reward_fn"] = PYTHON_REWARD + (getattr(reward, "__qualname__", None) or type(reward).__name__)
+    elif isinstance(reward, str) and reward.startswith(("http://", "https://")):
+        options["reward_url"] = reward
     elif isinstance(reward, (str, Path)):
         options["reward_model" if Path(reward).is_dir() else "reward_fn"] = str(reward)
     elif reward is not None:

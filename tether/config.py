@@ -788,6 +788,8 @@ class SFTConfig(StageRun):
     # --- data -----------------------------------------------------------------
     data: str = opt(None, "Training text: .jsonl/.json/.csv/.parquet/.txt file, a save_to_disk dir or a hub id (required).")
     text_field: str = opt("text", "Field holding plain text; records with a 'messages' field are rendered with the chat template.")
+    data_layout: Literal["auto", "text", "messages", "prompt_completion"] = opt("auto", "Layout of the records: 'text' (text_field), 'messages' (a chat, rendered with the chat template), 'prompt_completion' ('prompt' and 'completion': strings, or messages); auto = detected from the first record's columns.")
+    loss_on: Literal["auto", "all", "completion", "assistant"] = opt("auto", "Tokens the LM loss counts: 'all'; 'completion' (prompt_completion data: the completion and its EOS); 'assistant' (messages data: the assistant turns as the chat template renders them). auto = completion for prompt_completion data, all otherwise (as TRL's defaults).")
     eval_data: Optional[str] = opt(None, "Held-out text; default: eval_fraction of the training documents.")
     eval_fraction: float = opt(0.05, "Fraction of documents held out for eval loss / perplexity when eval_data is not given.")
     block_size: int = opt(128, "Tokens per packed training block.")
@@ -850,6 +852,7 @@ class RewardConfig(StageRun):
     prompt_field: str = opt("prompt", "Field holding the prompt (text or chat messages).")
     chosen_field: str = opt("chosen", "Field holding the preferred response.")
     rejected_field: str = opt("rejected", "Field holding the dispreferred response.")
+    data_layout: Literal["auto", "explicit", "conversational", "transcript"] = opt("auto", "Layout of the pairs: 'explicit' (prompt, chosen, rejected fields); 'conversational' (chosen/rejected whole conversations and no prompt: the shared leading turns are the prompt, as UltraFeedback-binarized); 'transcript' (HH-RLHF strings split on the last \\n\\nAssistant:); auto = detected from the first record.")
     eval_data: Optional[str] = opt(None, "Held-out pairs; default: eval_fraction of the pairs.")
     eval_fraction: float = opt(0.1, "Fraction of pairs held out for pairwise accuracy when eval_data is not given.")
     max_length: int = opt(256, "Prompt + response tokens; longer pairs are truncated on the left.")

@@ -22,7 +22,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -38,6 +38,7 @@ __all__ = [
     "PromptSampler",
     "load_texts",
     "pack_texts",
+    "pack_segments",
     "BlockSampler",
 ]
 
@@ -598,7 +599,7 @@ def load_texts(source: str, text_field: str = "text", split: str = "train") -> l
             raise DataError(f"file not found: {source}")
         texts = _paragraphs(read_utf8(path))
     else:
-        texts = _texts_of(load_records(source, split=split), text_field, source)
+        texts = texts_of(load_records(source, split=split), text_field, source)
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise DataError(f"dataset {source} (split {split}) is empty: it has no non-blank text")
@@ -618,7 +619,7 @@ def _paragraphs(text: str) -> list[str]:
     return paragraphs
 
 
-def _texts_of(records: list[dict], text_field: str, source: str) -> list[str]:
+def texts_of(records: list[dict], text_field: str, source: str) -> list[str]:
     texts = []
     for index, record in enumerate(records):
         if text_field not in record:
@@ -663,14 +664,49 @@ def pack_texts(texts: Sequence[str], tokenizer, block_size: int) -> Tensor:
     return torch.tensor(stream[: num_blocks * block_size], dtype=torch.long).view(num_blocks, block_size)
 
 
+def pack_segments(documents: Sequence[Sequence[tuple[str, bool]]], tokenizer,
+                  block_size: int) -> tuple[Tensor, Tensor]:
+    """Like :func:`pack_texts`, for documents in segments (text, trained): (N, block_size) long blocks
+    and (N, block_size) bool `trained`, True on the tokens the LM loss counts as targets.
+
+    Each document is tokenised whole (the same ids as pack_texts gives its joined text); a token
+    counts when its last character lies in a trained segment; the EOS after a document counts when
+    its last segment does (the model learns to stop after an answer)."""
+    if block_size < 1:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    eos_id = getattr(tokenizer, "eos_token_id", None)
+    if eos_id is None:
+        raise DataError("packing needs a tokenizer with an eos_token to separate documents")
+    texts = ["".join(text for text, _ in doc) for doc in documents]
+    encoded = tokenizer(texts, add_special_tokens=False, verbose=False, return_offsets_mapping=True)
+    stream: list[int] = []
+    trained: list[bool] = []
+    for doc, ids, offsets in zip(documents, encoded["input_ids"], encoded["offset_mapping"]):
+        by_char = [flag for text, flag in doc for _ in text]
+        stream.extend(ids)
+        trained.extend(by_char[max(end, 1) - 1] if by_char else True for _, end in offsets)
+        stream.append(eos_id)
+        trained.append(bool(doc) and doc[-1][1])
+    num_blocks = len(stream) // block_size
+    if num_blocks == 0:
+        raise DataError(
+            f"too little text to pack: {len(stream)} tokens (EOS separators included) "
+            f"is less than one block of block_size={block_size}; add text or lower block_size"
+        )
+    size = num_blocks * block_size
+    return (torch.tensor(stream[:size], dtype=torch.long).view(num_blocks, block_size),
+            torch.tensor(trained[:size], dtype=torch.bool).view(num_blocks, block_size))
+
+
 class BlockSampler:
     """Batches of rows of a (N, L) token tensor in endless shuffled epochs,
     resumable through ``state_dict`` exactly like :class:`PromptSampler`."""
 
-    def __init__(self, blocks: Tensor, seed: int = 0):
+    def __init__(self, blocks: Tensor, seed: int = 0, trained: Optional[Tensor] = None):
         if blocks.dim() != 2:
             raise ValueError(f"blocks must be (N, L), got shape {tuple(blocks.shape)}")
         self.blocks = blocks  # (N, L)
+        self.trained = trained  # (N, L) bool: the targets the loss counts (pack_segments); None = all
         self._epochs = _ShuffledEpochs(blocks.shape[0], seed, "blocks")
 
     @property
@@ -679,8 +715,15 @@ class BlockSampler:
 
     def next_batch(self, batch_size: int) -> Tensor:
         """(batch_size, L) rows of ``blocks``."""
+        return self.next_batch_with_mask(batch_size)[0]
+
+    def next_batch_with_mask(self, batch_size: int) -> tuple[Tensor, Tensor]:
+        """(batch_size, L) rows of ``blocks`` and of ``trained`` (all True without one)."""
         indices = torch.tensor(self._epochs.next_indices(batch_size), dtype=torch.long)
-        return self.blocks.index_select(0, indices)
+        blocks = self.blocks.index_select(0, indices)
+        trained = self.trained.index_select(0, indices) if self.trained is not None else torch.ones_like(
+            blocks, dtype=torch.bool)
+        return blocks, trained
 
     def state_dict(self) -> dict[str, int]:
         return self._epochs.state_dict()

@@ -22,7 +22,7 @@ import copy
 import json
 import logging
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Mapping, Optional
 
 import torch
 
@@ -32,6 +32,7 @@ from tether.checkpoint import load_weights, read_trainer_state, save_checkpoint,
 from tether.config import ConfigError, RewardConfig, check_hub_ids, lora_settings
 from tether.lora import LoraRewardModel, SCORE_HEAD_FILE, build_lora_reward_model, load_adapter_weights, require_full_model
 from tether.data import DataError, load_records, tokenize_prompts
+from tether.layouts import explicit_pairs, response_text
 from tether.models import (
     disable_dropout,
     has_tokenizer_files,
@@ -66,7 +67,7 @@ log = logging.getLogger(__name__)
 _NO_LIMIT = 2**31 - 1
 
 
-def run_reward(cfg: RewardConfig) -> dict[str, float]:
+def run_reward(cfg: RewardConfig, records: Optional[list[dict]] = None) -> dict[str, float]:
     """Train a reward model on preference pairs; returns (and writes to summary.json) the run summary.
 
     Summary keys: ``eval/accuracy``, ``eval/loss``, ``eval/margin`` (absent when there are no
@@ -82,15 +83,15 @@ def run_reward(cfg: RewardConfig) -> dict[str, float]:
     settle_precision(cfg)  # before the run directory compares a resumed config with its own
     check_hub_ids(cfg, "model", "tokenizer", "normalize_policy")
     with locked(start_run(cfg)) as start:
-        return _run_reward(cfg, start)
+        return _run_reward(cfg, start, records)
 
 
-def _run_reward(cfg: RewardConfig, start) -> dict[str, float]:
+def _run_reward(cfg: RewardConfig, start, records: Optional[list[dict]] = None) -> dict[str, float]:
     device, precision = pick_device(cfg.device), BY_NAME[cfg.precision]
 
     # 2. Data before models: a bad record fails in seconds, not after loading weights.
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
-    train_pairs, eval_pairs, summary = load_pair_splits(cfg, tokenizer)
+    train_pairs, eval_pairs, summary = load_pair_splits(cfg, tokenizer, records)
     norm_prompts = load_normalization_prompts(cfg, tokenizer) if cfg.normalize_policy else None
 
     # 3. Model: backbone + scalar head, sized for the tokenizer, dropout off.
@@ -156,9 +157,11 @@ def validate_reward_config(cfg: RewardConfig) -> None:
 # --- data -------------------------------------------------------------------------------
 
 
-def load_pair_splits(cfg: RewardConfig, tokenizer) -> tuple[PreferencePairs, Optional[PreferencePairs], dict]:
-    """Train and eval pairs (eval from ``eval_data`` or a seeded split by prompt) and data counts."""
-    records = load_records(cfg.data)
+def load_pair_splits(cfg: RewardConfig, tokenizer, records: Optional[list[dict]] = None
+                     ) -> tuple[PreferencePairs, Optional[PreferencePairs], dict]:
+    """Train and eval pairs (eval from ``eval_data`` or a seeded split by prompt) and data counts;
+    `records`: the pairs already in memory instead of cfg.data."""
+    records = records if records is not None else load_records(cfg.data)
     pairs, counts = encode_preference_pairs(records, tokenizer, cfg, source=cfg.data)
     if cfg.eval_data:
         eval_pairs, eval_counts = encode_preference_pairs(load_records(cfg.eval_data), tokenizer, cfg,
@@ -187,13 +190,15 @@ def encode_preference_pairs(records: list[Mapping], tokenizer, cfg: RewardConfig
                             source: str = "<pairs>") -> tuple[PreferencePairs, dict[str, int]]:
     """Validate and tokenise ``{prompt, chosen, rejected}`` records (field names from ``cfg``).
 
-    A prompt is a string or chat messages; a response is a string or a one-message assistant
-    turn (``[{"role": "assistant", "content": ...}]``, the conversational preference format).
+    Any layout of tether/layouts.py (explicit, conversational with an implicit prompt, HH transcripts)
+    becomes explicit first. A prompt is a string or chat messages; a response is a string or
+    messages ending in an assistant turn (``layouts.response_text``).
     Pairs whose responses are equal after ``strip()`` carry no preference: they are skipped and
     counted (``skipped_identical``), as are pairs left identical by left truncation
     (``skipped_truncated_identical``). ``truncated`` counts sequences cut to ``max_length``.
     """
     fields = (cfg.prompt_field, cfg.chosen_field, cfg.rejected_field)
+    records = explicit_pairs(records, cfg.data_layout, fields, source)  # conversational / transcript -> explicit
     responses: list[tuple[str, str]] = []
     for index, record in enumerate(records):
         missing = [f for f in fields if f not in record]
@@ -202,8 +207,9 @@ def encode_preference_pairs(records: list[Mapping], tokenizer, cfg: RewardConfig
                 f"{source}: record {index} has no {missing[0]!r} field (it has {sorted(map(str, record))}); "
                 f"each pair needs {list(fields)} — set prompt_field / chosen_field / rejected_field to the "
                 "columns holding them")
-        responses.append((_response_text(record[cfg.chosen_field], index, cfg.chosen_field, source),
-                          _response_text(record[cfg.rejected_field], index, cfg.rejected_field, source)))
+        prompt = record[cfg.prompt_field]
+        responses.append(tuple(response_text(prompt, record[name], tokenizer, index, name, source)
+                               for name in (cfg.chosen_field, cfg.rejected_field)))
     keep = [i for i, (chosen, rejected) in enumerate(responses) if chosen.strip() != rejected.strip()]
     skipped = len(records) - len(keep)
     if skipped:
@@ -247,17 +253,6 @@ def encode_preference_pairs(records: list[Mapping], tokenizer, cfg: RewardConfig
     counts = {"skipped_identical": skipped, "skipped_truncated_identical": truncated_identical,
               "truncated": truncated}
     return pairs, counts
-
-
-def _response_text(value: Any, index: int, field: str, source: str) -> str:
-    if isinstance(value, str):
-        return value
-    if (isinstance(value, list) and len(value) == 1 and isinstance(value[0], Mapping)
-            and value[0].get("role") == "assistant" and isinstance(value[0].get("content"), str)):
-        return value[0]["content"]
-    raise DataError(
-        f"{source}: record {index} field {field!r} is a {type(value).__name__}; expected a string or one "
-        "assistant message [{\"role\": \"assistant\", \"content\": ...}]")
 
 
 def _response_ids(texts: list[str], tokenizer) -> list[list[int]]:

@@ -129,8 +129,8 @@ class RewardRequestHandler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802
         if self.path in HEALTH_PATHS:
             return self._answer(200, {"status": "ok", "model": self.server.model_name})
-        self._answer(404, {"error": f"GET serves only /health; score with POST {{\"prompts\": [...], "
-                                    f"\"responses\": [...]}} (docs/reward-server.md)"})
+        self._answer(404, {"error": "GET serves only /health; score with POST {\"prompts\": [...], "
+                                    "\"responses\": [...]} (docs/reward-server.md)"})
 
     def _body(self) -> bytes:
         try:

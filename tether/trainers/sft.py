@@ -25,22 +25,25 @@ from tether.tracking import JsonlSink
 from tether.trainers import adamw, check_finite, clip_and_step, lr_lambda
 
 
-def block_loss(model: nn.Module, blocks: Tensor, num_tokens: Optional[float] = None):
-    """LM loss of full blocks (every token real): logits[t] predicts blocks[t+1]."""
+def block_loss(model: nn.Module, blocks: Tensor, num_tokens: Optional[float] = None,
+               trained: Optional[Tensor] = None):
+    """LM loss of full blocks (every token real): logits[t] predicts blocks[t+1], counted where
+    `trained` (B, L) is True (loss_on: the completion or assistant turns; None: every token)."""
     mask = torch.ones_like(blocks)
     logits = model(input_ids=blocks, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                    use_cache=False).logits
-    return lm_loss(logits, blocks, mask, num_tokens=num_tokens)
+    return lm_loss(logits, blocks, mask if trained is None else trained, num_tokens=num_tokens)
 
 
 @torch.no_grad()
-def evaluate_lm(model: nn.Module, blocks: Tensor, batch_size: int = 32) -> dict[str, float]:
-    """Held-out loss (nats/token) and perplexity over every eval block."""
+def evaluate_lm(model: nn.Module, blocks: Tensor, batch_size: int = 32,
+                trained: Optional[Tensor] = None) -> dict[str, float]:
+    """Held-out loss (nats/token) and perplexity over every eval block's counted tokens."""
     model.eval()
     total, tokens = 0.0, 0
     for start in range(0, blocks.shape[0], batch_size):
         chunk = blocks[start : start + batch_size]
-        loss, stats = block_loss(model, chunk)
+        loss, stats = block_loss(model, chunk, trained=None if trained is None else trained[start : start + batch_size])
         n = int(stats["tokens"].item())
         total, tokens = total + loss.item() * n, tokens + n
     model.train()
@@ -57,11 +60,13 @@ class SFTTrainer:
 
     def __init__(self, cfg: SFTConfig, model: nn.Module, train_blocks: Tensor, eval_blocks: Optional[Tensor],
                  sink: Optional[JsonlSink] = None, device: torch.device = torch.device("cpu"),
-                 save: Optional[Callable[["SFTTrainer"], None]] = None, precision: Precision = FP32):
+                 save: Optional[Callable[["SFTTrainer"], None]] = None, precision: Precision = FP32,
+                 train_trained: Optional[Tensor] = None, eval_trained: Optional[Tensor] = None):
         self.cfg, self.model, self.eval_blocks, self.sink, self.device = cfg, model, eval_blocks, sink, device
+        self.eval_trained = eval_trained  # (N, L) bool: the eval targets that count (loss_on); None = all
         self.precision = precision  # bf16-mixed: forwards under bf16 autocast, fp32 weights and AdamW state
         self.save = save  # called with the trainer every save_every steps
-        self.sampler = BlockSampler(train_blocks, seed=cfg.seed)
+        self.sampler = BlockSampler(train_blocks, seed=cfg.seed, trained=train_trained)
         self.optimizer = adamw([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate, eps=cfg.adam_eps,
                                weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -95,13 +100,17 @@ class SFTTrainer:
 
     def step(self) -> dict[str, float]:
         cfg = self.cfg
-        every = self.sampler.next_batch(cfg.batch_size)
-        num_tokens = every.shape[0] * (every.shape[1] - 1)  # token-level, whole batch: exact accumulation
-        blocks = every[distributed.share(range(len(every)))].to(self.device)  # this rank's share
+        every, trained = self.sampler.next_batch_with_mask(cfg.batch_size)
+        # Counted targets of the whole batch (every rank draws it): each micro-batch's loss is its
+        # share of one token-level mean, exact under accumulation and across ranks.
+        num_tokens = max(int(trained[:, 1:].sum().item()), 1)
+        share = distributed.share(range(len(every)))
+        blocks, trained = every[share].to(self.device), trained[share].to(self.device)  # this rank's share
         total = 0.0
-        for micro in blocks.split(cfg.micro_batch_size // distributed.world_size()):
+        size = cfg.micro_batch_size // distributed.world_size()
+        for micro, micro_trained in zip(blocks.split(size), trained.split(size)):
             with self.precision.forward_context(self.device):
-                loss, _ = block_loss(self.model, micro, num_tokens=num_tokens)
+                loss, _ = block_loss(self.model, micro, num_tokens=num_tokens, trained=micro_trained)
             check_finite([("SFT loss", loss)], f"non-finite SFT loss at step {self.step_count}; lower learning_rate",
                          [self.optimizer])
             loss.backward()
@@ -130,7 +139,8 @@ class SFTTrainer:
         if self.eval_blocks is None or len(self.eval_blocks) == 0:
             return {}
         with self.precision.forward_context(self.device):
-            return evaluate_lm(self.model, self.eval_blocks.to(self.device), self.cfg.micro_batch_size)
+            return evaluate_lm(self.model, self.eval_blocks.to(self.device), self.cfg.micro_batch_size,
+                               None if self.eval_trained is None else self.eval_trained.to(self.device))
 
     def log(self, metrics: dict[str, float]) -> None:
         if self.sink is not None:
