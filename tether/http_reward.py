@@ -15,7 +15,7 @@ The answer's key may also be "rewards" (what OpenRLHF's remote reward servers re
 
 Failures. A refused or dropped connection, a timeout or an HTTP 5xx may pass: each is retried
 `retries` times with a short backoff, and after the last try the run stops with a checkpoint
-(RewardServerUnavailable, a RewardTimeout). An answer that can never be right (HTTP 4xx, not JSON,
+(RewardServerUnavailable, a RewardUnavailable). An answer that can never be right (HTTP 4xx, not JSON,
 no scores, a wrong count, a non-finite score) fails at once (RewardError). Every message is one
 line naming the URL, the cause and the fix.
 """
@@ -36,13 +36,13 @@ import torch
 from torch import Tensor
 
 from tether.config import PPOConfig, check_reward_url
-from tether.rewards import RewardError, RewardTimeout, check_scores
+from tether.rewards import RewardError, RewardUnavailable, check_scores
 
 SCORE_KEYS = ("scores", "rewards")  # "rewards": OpenRLHF's remote reward servers
 SNIPPET = 200  # characters of a bad answer quoted in a message
 
 
-class RewardServerUnavailable(RewardTimeout):
+class RewardServerUnavailable(RewardUnavailable):
     """The reward server kept failing in a way that may pass (refused, dropped, timed out, HTTP 5xx).
     Nothing of the update reached the weights, so the run stops with a checkpoint, as after a timeout."""
 

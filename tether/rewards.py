@@ -51,7 +51,12 @@ def rows_of(columns: Optional[dict[str, list]], rows) -> Optional[dict[str, list
     return {name: [values[i] for i in rows] for name, values in columns.items()}
 
 
-class RewardTimeout(RewardError):
+class RewardUnavailable(RewardError):
+    """The reward source could not answer this time (a hung call, a server that went away): nothing of
+    the update reached the weights, so the run stops with a checkpoint and resumes once it is back."""
+
+
+class RewardTimeout(RewardUnavailable):
     """A reward call ran past reward_timeout_s: the run stops with a checkpoint."""
 
 

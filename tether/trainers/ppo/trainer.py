@@ -29,7 +29,7 @@ from tether.data import BlockSampler, PromptSampler, left_pad
 from tether.doctor import Doctor
 from tether.generation import BuiltinSampler, GenerationBackend
 from tether.precision import FP32, Precision
-from tether.rewards import RewardTimeout, reward_part_names, rows_of
+from tether.rewards import RewardUnavailable, reward_part_names, rows_of
 from tether.roles import Roles
 from tether.rollout import Rollout, collect_rollout, select_rows, synced_clock
 from tether.tracking import SampleWriter, Tracker
@@ -195,7 +195,7 @@ class PPOTrainer:
         while self.update < cfg.total_updates:
             try:
                 metrics = self.step()
-            except RewardTimeout as err:  # nothing of this update reached the weights: stop where it started
+            except RewardUnavailable as err:  # nothing of this update reached the weights: stop where it started
                 raise Stop(str(err)).error(self.save_checkpoint(), self.run_dir, self.writes)
             bar.update(1)
             if self.on_update is not None:
