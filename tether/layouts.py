@@ -160,6 +160,20 @@ def detect_sft_layout(record: Mapping, text_field: str) -> str:
                     f"and 'completion' (it has {sorted(map(str, record))}); set text_field, or data_layout")
 
 
+def check_sft_records(records: Sequence[Mapping], layout: str, source: str) -> None:
+    """Chat messages checked as the records load (before any tokenizer is built or trained): a null or
+    empty turn is named with its record."""
+    for index, record in enumerate(records):
+        fields = ("messages",) if layout == "messages" else ("prompt", "completion")
+        for name in fields:
+            value = record.get(name)
+            if layout == "messages" or isinstance(value, list):
+                if not _is_conversation(value):
+                    raise DataError(f"{source}: record {index} {name!r} is not a list of {{\"role\", \"content\"}} "
+                                    "messages")
+                check_messages(list(value), index, source)
+
+
 def resolve_loss_on(loss_on: str, layout: str) -> str:
     """`auto` as TRL users expect: the completion for prompt-completion data, every token otherwise
     (TRL's completion_only_loss defaults on, assistant_only_loss off). A choice the layout cannot

@@ -12,7 +12,7 @@ from tether import distributed
 from tether.checkpoint import load_weights, read_trainer_state, save_checkpoint, seed_everything
 from tether.config import SFTConfig, check_hub_ids, lora_settings
 from tether.data import DataError, load_records, load_texts, pack_segments, pack_texts, texts_of
-from tether.layouts import detect_sft_layout, resolve_loss_on, sft_segments
+from tether.layouts import check_sft_records, detect_sft_layout, resolve_loss_on, sft_segments
 from tether.lora import add_lora, is_adapter_dir, load_adapter_weights, require_full_model
 from tether.models import check_sequence_fits, load_causal_lm, load_tokenizer, pick_device
 from tether.pipelines.stage import commit, join_ranks, locked, settle_precision, start_run
@@ -116,6 +116,8 @@ def sft_records(source: str, text_field: str, layout: str = "auto",
     if layout == "auto":
         layout = detect_sft_layout(records[0], text_field)
         log.info("%s: SFT layout %s (detected from the columns; data_layout= chooses)", source, layout)
+    if layout != "text":
+        check_sft_records(records, layout, source)
     if layout == "text":  # blank documents are skipped, as load_texts does
         records = [{text_field: t} for t in texts_of(records, text_field, source) if t.strip()]
         if not records:
