@@ -165,13 +165,19 @@ def test_a_batch_that_does_not_split_into_equal_shares_is_refused(tiny_dirs, tmp
     assert not (tmp_path / "odd").exists()
 
 
-def test_sft_on_two_ranks_makes_the_same_steps_as_one_rank(tmp_path):
+@pytest.mark.parametrize("layout", ["text", "prompt_completion"])
+def test_sft_on_two_ranks_makes_the_same_steps_as_one_rank(tmp_path, layout):
     """`torchrun -m tether sft`: each rank trains on half of every batch (dropout off, so both runs draw
-    nothing at random after the start); weights and losses match one process, rank 0 alone writes."""
+    nothing at random after the start); weights and losses match one process, rank 0 alone writes.
+    With prompt-completion data the loss counts the completions only (loss_on=completion): the
+    token count that normalises it is the whole batch's, so the ranks still sum to one process."""
     from tether.tiny import builtin_corpus
 
     data = tmp_path / "text.jsonl"
-    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in builtin_corpus(120, seed=2)))
+    texts = builtin_corpus(120, seed=2)
+    rows = ([{"text": t} for t in texts] if layout == "text" else
+            [{"prompt": " ".join(t.split()[:3]) + " ", "completion": " ".join(t.split()[3:])} for t in texts])
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     runs = {}
     for ranks in (1, 2):
         runs[ranks] = tmp_path / f"sft{ranks}"
