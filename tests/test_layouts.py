@@ -202,6 +202,7 @@ def test_masked_targets_get_no_gradient_and_the_loss_is_the_counted_tokens_mean(
             assert bool(logits.grad[b, t].abs().sum() > 0) == counts
 
 
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
 @pytest.mark.parametrize("micro_batch_size", [1, 2, 4])
 def test_sft_step_loss_is_the_naive_per_token_mean_under_accumulation(chat_tokenizer, micro_batch_size):
     rows = [{"prompt": f"{q} ", "completion": c} for q, c, _ in QUESTIONS * 6]
