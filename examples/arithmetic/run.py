@@ -4,7 +4,7 @@
 
 Each stage is the command a user would type (printed before it runs); the last line is the summary,
 `held-out exact match: SFT X% -> PPO Y% (N prompts)`, also written to OUT/summary.json with the stage
-times. About 5 minutes on 1 CPU thread. Runs from the repository root; re-running replaces OUT.
+times. About 7 minutes on 1 CPU thread. Runs from the repository root; re-running replaces OUT.
 """
 
 from __future__ import annotations
