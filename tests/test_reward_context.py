@@ -74,9 +74,9 @@ def test_record_columns_leave_out_the_prompt_and_fill_missing_fields_with_none()
 def test_weighted_rewards_sum_and_keep_each_part():
     combined = WeightedRewards([FunctionReward(lambda r: [1.0] * len(r)), FunctionReward(lambda r: [len(x) for x in r])],
                                ["one", "length"], [2.0, 0.5])
-    scores = combined.score(["p", "q"], ["ab", "abcd"])
-    assert scores.tolist() == [3.0, 4.0]
-    assert combined.last_parts.tolist() == [[1.0, 2.0], [1.0, 4.0]]
+    scores, parts = combined.scored(["p", "q"], ["ab", "abcd"])
+    assert scores.tolist() == [3.0, 4.0] and combined.score(["p", "q"], ["ab", "abcd"]).tolist() == [3.0, 4.0]
+    assert parts.tolist() == [[1.0, 2.0], [1.0, 4.0]]
 
 
 @pytest.mark.parametrize("options, message", [

@@ -645,23 +645,34 @@ def pack_texts(texts: Sequence[str], tokenizer, block_size: int) -> Tensor:
     Documents are tokenised without the tokenizer's own special tokens (no BOS per
     document), so EOS is the only separator.
     """
-    if block_size < 1:
-        raise ValueError(f"block_size must be positive, got {block_size}")
-    eos_id = getattr(tokenizer, "eos_token_id", None)
-    if eos_id is None:
-        raise DataError("pack_texts needs a tokenizer with an eos_token to separate documents")
+    eos_id = _packing_eos(tokenizer, block_size)
     stream: list[int] = []
     if texts:
         for ids in tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]:
             stream.extend(ids)
             stream.append(eos_id)
+    return _as_blocks(stream, block_size, torch.long)
+
+
+def _packing_eos(tokenizer, block_size: int) -> int:
+    """The EOS that separates packed documents (checked with the block size)."""
+    if block_size < 1:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    eos_id = getattr(tokenizer, "eos_token_id", None)
+    if eos_id is None:
+        raise DataError("packing needs a tokenizer with an eos_token to separate documents")
+    return eos_id
+
+
+def _as_blocks(stream: list, block_size: int, dtype: torch.dtype) -> Tensor:
+    """(N, block_size) consecutive blocks of the stream, the incomplete tail dropped."""
     num_blocks = len(stream) // block_size
     if num_blocks == 0:
         raise DataError(
             f"too little text to pack: {len(stream)} tokens (EOS separators included) "
             f"is less than one block of block_size={block_size}; add text or lower block_size"
         )
-    return torch.tensor(stream[: num_blocks * block_size], dtype=torch.long).view(num_blocks, block_size)
+    return torch.tensor(stream[: num_blocks * block_size], dtype=dtype).view(num_blocks, block_size)
 
 
 def pack_segments(documents: Sequence[Sequence[tuple[str, bool]]], tokenizer,
@@ -672,11 +683,7 @@ def pack_segments(documents: Sequence[Sequence[tuple[str, bool]]], tokenizer,
     Each document is tokenised whole (the same ids as pack_texts gives its joined text); a token
     counts when its last character lies in a trained segment; the EOS after a document counts when
     its last segment does (the model learns to stop after an answer)."""
-    if block_size < 1:
-        raise ValueError(f"block_size must be positive, got {block_size}")
-    eos_id = getattr(tokenizer, "eos_token_id", None)
-    if eos_id is None:
-        raise DataError("packing needs a tokenizer with an eos_token to separate documents")
+    eos_id = _packing_eos(tokenizer, block_size)
     texts = ["".join(text for text, _ in doc) for doc in documents]
     encoded = tokenizer(texts, add_special_tokens=False, verbose=False, return_offsets_mapping=True)
     stream: list[int] = []
@@ -687,15 +694,7 @@ def pack_segments(documents: Sequence[Sequence[tuple[str, bool]]], tokenizer,
         trained.extend(by_char[max(end, 1) - 1] if by_char else True for _, end in offsets)
         stream.append(eos_id)
         trained.append(bool(doc) and doc[-1][1])
-    num_blocks = len(stream) // block_size
-    if num_blocks == 0:
-        raise DataError(
-            f"too little text to pack: {len(stream)} tokens (EOS separators included) "
-            f"is less than one block of block_size={block_size}; add text or lower block_size"
-        )
-    size = num_blocks * block_size
-    return (torch.tensor(stream[:size], dtype=torch.long).view(num_blocks, block_size),
-            torch.tensor(trained[:size], dtype=torch.bool).view(num_blocks, block_size))
+    return _as_blocks(stream, block_size, torch.long), _as_blocks(trained, block_size, torch.bool)
 
 
 class BlockSampler:

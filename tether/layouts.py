@@ -23,7 +23,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from tether.data import DataError, check_messages
+from tether.data import DataError, check_messages, texts_of
 
 log = logging.getLogger(__name__)
 
@@ -190,29 +190,15 @@ def resolve_loss_on(loss_on: str, layout: str) -> str:
 
 def sft_segments(records: Sequence[Mapping], layout: str, loss_on: str, tokenizer, text_field: str,
                  source: str) -> list[list[Segment]]:
-    """Each record as its text in segments (text, trained) for the resolved `loss_on`."""
-    documents = []
-    for index, record in enumerate(records):
-        if layout == "text":
-            documents.append([(_text(record, text_field, index, source), True)])
-        elif layout == "prompt_completion":
-            documents.append(_prompt_completion(record, tokenizer, loss_on == "all", index, source))
-        else:
-            messages = record.get("messages")
-            if not _is_conversation(messages):
-                raise DataError(f"{source}: record {index} 'messages' is not a list of {{\"role\", \"content\"}} messages")
-            documents.append(_conversation_segments(check_messages(list(messages), index, source), tokenizer,
-                                                    loss_on == "all", index, source))
-    return documents
-
-
-def _text(record: Mapping, field: str, index: int, source: str) -> str:
-    if field not in record:
-        raise DataError(f"{source}: record {index} has no {field!r} field (it has {sorted(map(str, record))}); "
-                        "set text_field to the column holding the text")
-    if not isinstance(record[field], str):
-        raise DataError(f"{source}: record {index} field {field!r} is a {type(record[field]).__name__}, not text")
-    return record[field]
+    """Each record as its text in segments (text, trained) for the resolved `loss_on`. Chat messages
+    were checked as the records loaded (check_sft_records)."""
+    if layout == "text":
+        return [[(text, True)] for text in texts_of(records, text_field, source)]
+    if layout == "prompt_completion":
+        return [_prompt_completion(record, tokenizer, loss_on == "all", index, source)
+                for index, record in enumerate(records)]
+    return [_conversation_segments(list(record["messages"]), tokenizer, loss_on == "all", index, source)
+            for index, record in enumerate(records)]
 
 
 def _prompt_completion(record: Mapping, tokenizer, train_prompt: bool, index: int, source: str) -> list[Segment]:
@@ -220,8 +206,8 @@ def _prompt_completion(record: Mapping, tokenizer, train_prompt: bool, index: in
     if isinstance(prompt, str) and isinstance(completion, str):
         return [(prompt, train_prompt), (completion, True)]
     if _is_conversation(prompt) and _is_conversation(completion):
-        before = render_chat(check_messages(list(prompt), index, source), tokenizer, add_generation_prompt=True)
-        full = render_chat(list(prompt) + check_messages(list(completion), index, source), tokenizer)
+        before = render_chat(list(prompt), tokenizer, add_generation_prompt=True)
+        full = render_chat(list(prompt) + list(completion), tokenizer)
         if not full.startswith(before):
             raise DataError(f"{source}: record {index}: the chat template renders the prompt differently once the "
                             "completion follows; the completion cannot be cut from it")
@@ -241,8 +227,9 @@ def _conversation_segments(messages: list, tokenizer, train_all: bool, index: in
         if message["role"] != "assistant":
             continue
         start = len(render_chat(messages[:turn], tokenizer, add_generation_prompt=True)) if turn else 0
-        end = len(render_chat(messages[: turn + 1], tokenizer))
-        if not (done <= start <= end and full.startswith(render_chat(messages[: turn + 1], tokenizer))):
+        through_turn = render_chat(messages[: turn + 1], tokenizer)
+        end = len(through_turn)
+        if not (done <= start <= end and full.startswith(through_turn)):
             raise DataError(f"{source}: record {index}: the chat template does not render the conversation turn by "
                             "turn (an earlier turn changes once later ones follow), so its assistant turns cannot be "
                             "found; use loss_on=all")

@@ -150,26 +150,31 @@ class FunctionReward:
 class WeightedRewards:
     """Several reward sources summed with weights into one score: `Σ_k w_k · score_k`.
 
-    Each source's own scores (unweighted) are kept per row in `last_parts` (B, K), so the trainer
-    logs each as `reward/<name>` and a rule that only one of them moves is visible."""
+    `scored` also returns each source's own scores (unweighted, (B, K)), so the trainer logs each
+    as `reward/<name>` and a rule that only one of them moves is visible. Names and the weight count
+    are checked with the config (config._check_reward_source), before anything is built."""
 
     def __init__(self, sources: Sequence, names: Sequence[str], weights: Optional[Sequence[float]] = None):
-        weights = [1.0] * len(sources) if weights is None or len(weights) == 0 else list(weights)
-        if len(weights) != len(sources):
-            raise RewardLoadError(f"reward_weights has {len(weights)} weights for {len(sources)} reward functions; "
-                                  "give one weight per function (or none: each weighs 1)")
-        if len(set(names)) != len(names):
-            raise RewardLoadError(f"two reward functions share the name {sorted(n for n in names if names.count(n) > 1)[0]!r}; "
-                                  "each is logged as reward/<name>, so give them different names")
-        self.sources, self.names, self.weights = list(sources), list(names), [float(w) for w in weights]
+        self.sources, self.names = list(sources), list(names)
+        self.weights = [float(w) for w in weights] if weights else [1.0] * len(self.sources)
         self.name = " + ".join(f"{w:g}·{n}" for w, n in zip(self.weights, self.names))
-        self.last_parts: Optional[Tensor] = None  # (B, K) each source's scores of the last call
 
-    def score(self, prompts, responses, input_ids=None, attention_mask=None, columns=None) -> Tensor:
+    def scored(self, prompts, responses, input_ids=None, attention_mask=None, columns=None) -> tuple[Tensor, Tensor]:
+        """((B,) weighted sum, (B, K) each source's scores)."""
         parts = torch.stack([source_scores(source, prompts, responses, input_ids, attention_mask, columns).float().cpu()
                              for source in self.sources], dim=1)  # (B, K)
-        self.last_parts = parts
-        return parts @ torch.tensor(self.weights, dtype=parts.dtype)
+        return parts @ torch.tensor(self.weights, dtype=parts.dtype), parts
+
+    def score(self, prompts, responses, input_ids=None, attention_mask=None, columns=None) -> Tensor:
+        return self.scored(prompts, responses, input_ids, attention_mask, columns)[0]
+
+
+def scores_and_parts(source, prompts, responses, input_ids, attention_mask,
+                     columns=None) -> tuple[Tensor, Optional[Tensor]]:
+    """(B,) scores of any source, and (B, K) the parts of a WeightedRewards (None for one source)."""
+    if isinstance(source, WeightedRewards):
+        return source.scored(prompts, responses, input_ids, attention_mask, columns)
+    return source_scores(source, prompts, responses, input_ids, attention_mask, columns), None
 
 
 def reward_part_names(source) -> list[str]:

@@ -44,7 +44,7 @@ from tether.models import (
     start_at_block,
 )
 from tether.lora import adapter_layers, load_adapter_weights, save_adapter
-from tether.rewards import RewardError, source_scores
+from tether.rewards import RewardError, scores_and_parts
 from tether.sampling import response_logits, sample_responses
 from tether.sharding import shard, whole_state, whole_weights
 
@@ -67,8 +67,8 @@ class SequenceScores:
 def external_scores(reward, prompts, responses, input_ids, attention_mask, columns) -> tuple[Tensor, Optional[Tensor]]:
     """(B,) scores of a reward that is not an adapter (a model or functions) on the sequences' device,
     and (B, K) the parts of a weighted sum of several functions (None otherwise)."""
-    scores = source_scores(reward, prompts, responses, input_ids, attention_mask, columns).to(input_ids.device)
-    return scores, getattr(reward, "last_parts", None)
+    scores, parts = scores_and_parts(reward, prompts, responses, input_ids, attention_mask, columns)
+    return scores.to(input_ids.device), parts
 
 
 class Roles(Protocol):

@@ -103,13 +103,13 @@ def _rollout_chunk(roles, tokenizer, prompt_ids, prompt_mask, settings, keep_gra
     prompts = tokenizer.batch_decode(prompt_ids, skip_special_tokens=True)
     responses = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
     out = roles.score(input_ids, attention_mask, response_ids.shape[1], settings, prompts, responses, keep_graph,
-                      **({"columns": columns} if columns else {}))
+                      columns)
     engine = sampled.engine_logprobs
     return Rollout(input_ids, attention_mask, response_mask, out.logprobs * response_mask,
                    out.ref_logprobs * response_mask, out.values * response_mask, out.scores, ended, prompts,
                    responses, out.trunk, out.graph, generated - start,
                    synced_clock(prompt_ids.device) - generated, engine * response_mask if engine is not None else None,
-                   columns, getattr(out, "reward_parts", None))
+                   columns, out.reward_parts)
 
 
 def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:

@@ -118,10 +118,10 @@ def sft_records(source: str, text_field: str, layout: str = "auto",
         log.info("%s: SFT layout %s (detected from the columns; data_layout= chooses)", source, layout)
     if layout != "text":
         check_sft_records(records, layout, source)
-    if layout == "text":  # blank documents are skipped, as load_texts does
-        records = [{text_field: t} for t in texts_of(records, text_field, source) if t.strip()]
-        if not records:
-            raise DataError(f"dataset {source} is empty: it has no non-blank text")
+        return records, layout
+    records = [{text_field: t} for t in texts_of(records, text_field, source) if t.strip()]  # as load_texts
+    if not records:
+        raise DataError(f"dataset {source} is empty: it has no non-blank text")
     return records, layout
 
 
